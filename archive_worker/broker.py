@@ -1,0 +1,366 @@
+"""The NATS adapter: connection, JetStream topology, and the operations on it.
+
+This is the only module (with ``embedded``) that touches nats-py; NATS errors
+become :class:`~archive_worker.errors.BrokerError` here.  Bridge, worker and
+CLI all talk to JetStream through :class:`Broker`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+import nats
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import APIError, NotFoundError
+
+from . import constants as c
+from .config import Settings
+from .embedded import EmbeddedNats
+from .errors import BrokerError, BrokerUnavailable, QueueFull
+from .events import StatusEvent, decode_event, encode_event
+from .jobs import JobSpec, encode_job
+
+log = logging.getLogger(__name__)
+
+#: JetStream error code for "maximum messages exceeded" with discard-new.
+_ERR_MAX_MSGS = 10077
+#: ... and for "maximum bytes exceeded".
+_ERR_MAX_BYTES = 10078
+#: A job message is small (a few KiB); this bounds the stream's bytes too.
+_MAX_JOB_MSG_BYTES = 1_048_576
+#: Timeout of JetStream API requests.
+_API_TIMEOUT_S = 5.0
+
+
+@dataclass
+class QueueState:
+    """What the jobs stream and the workers' consumer say right now.
+
+    Attributes:
+        waiting: job ids not yet delivered to any worker, oldest first.
+        processing: job ids delivered and not yet acknowledged.
+        limit: how many unfinished jobs the stream accepts.
+        redelivered: messages being delivered more than once.
+        oldest_waiting_ts: Unix time the oldest waiting job was queued.
+    """
+
+    waiting: list[str] = field(default_factory=list)
+    processing: list[str] = field(default_factory=list)
+    limit: int = 0
+    redelivered: int = 0
+    oldest_waiting_ts: float | None = None
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if not (settings.nats_tls_ca or settings.nats_tls_cert):
+        return None
+    ctx = ssl.create_default_context(cafile=settings.nats_tls_ca)
+    if settings.nats_tls_cert:
+        ctx.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key)
+
+    return ctx
+
+
+class Broker:
+    """A connection to NATS with JetStream, and the service's operations on it.
+
+    Create with :meth:`connect` (or :func:`open_broker`, which also starts an
+    embedded server when no URL is configured); close with :meth:`close`.
+    nats-py reconnects on its own; :attr:`connected` follows the connection.
+    """
+
+    def __init__(self, nc: Client, settings: Settings) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=_API_TIMEOUT_S)
+        self.settings = settings
+
+    @classmethod
+    async def connect(cls, settings: Settings, *, url: str, name: str) -> Broker:
+        """Connect to the servers in ``url`` (comma-separated).
+
+        Raises:
+            BrokerUnavailable: no server answered within the connect timeout.
+        """
+
+        async def on_disconnect() -> None:
+            log.warning("nats.disconnected")
+
+        async def on_reconnect() -> None:
+            log.info("nats.reconnected url=%s", nc.connected_url)
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats.error error=%s", exc)
+
+        nc = Client()
+        try:
+            await nc.connect(
+                servers=[u.strip() for u in url.split(",") if u.strip()],
+                name=name,
+                user=settings.nats_user,
+                password=settings.nats_password,
+                token=settings.nats_token,
+                user_credentials=settings.nats_creds,
+                tls=_ssl_context(settings),
+                connect_timeout=settings.nats_connect_timeout_s,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                error_cb=on_error,
+            )
+        except (NatsError, OSError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot connect to NATS at {url}: {exc}") from exc
+        log.info("nats.connected url=%s", nc.connected_url)
+
+        return cls(nc, settings)
+
+    @property
+    def connected(self) -> bool:
+        """True while the client has a live server connection."""
+        return bool(self.nc.is_connected)
+
+    async def close(self) -> None:
+        """Flush and close the connection."""
+        if not self.nc.is_closed:
+            with contextlib.suppress(NatsError, TimeoutError):
+                await self.nc.drain()
+
+    # --- topology -------------------------------------------------------------
+
+    def stream_configs(self) -> list[js_api.StreamConfig]:
+        """The desired configuration of every stream."""
+        s = self.settings
+        return [
+            js_api.StreamConfig(
+                name=c.JOBS_STREAM,
+                description="Archive jobs waiting for or held by a worker",
+                subjects=[c.JOBS_SUBJECTS],
+                retention=js_api.RetentionPolicy.WORK_QUEUE,
+                storage=js_api.StorageType.FILE,
+                max_msgs=s.queue_size,
+                max_bytes=s.queue_size * _MAX_JOB_MSG_BYTES,
+                max_msg_size=_MAX_JOB_MSG_BYTES,
+                discard=js_api.DiscardPolicy.NEW,
+                duplicate_window=s.duplicate_window_s,
+                max_age=s.job_max_age_s,
+                num_replicas=s.stream_replicas,
+                allow_direct=True,
+            ),
+            js_api.StreamConfig(
+                name=c.STATUS_STREAM,
+                description="Status events of archive jobs",
+                subjects=[c.STATUS_SUBJECTS],
+                retention=js_api.RetentionPolicy.LIMITS,
+                storage=js_api.StorageType.FILE,
+                max_age=s.status_retention_s,
+                max_msgs_per_subject=s.status_max_events_per_job,
+                discard=js_api.DiscardPolicy.OLD,
+                num_replicas=s.stream_replicas,
+                allow_direct=True,
+            ),
+            js_api.StreamConfig(
+                name=c.DLQ_STREAM,
+                description="Jobs that exhausted their deliveries, without token",
+                subjects=[c.DLQ_SUBJECTS],
+                retention=js_api.RetentionPolicy.LIMITS,
+                storage=js_api.StorageType.FILE,
+                max_age=s.status_retention_s,
+                max_msgs_per_subject=1,
+                num_replicas=s.stream_replicas,
+                allow_direct=True,
+            ),
+        ]
+
+    def consumer_config(self) -> js_api.ConsumerConfig:
+        """The desired configuration of the workers' durable consumer."""
+        s = self.settings
+        return js_api.ConsumerConfig(
+            durable_name=c.WORKERS_CONSUMER,
+            description="Shared by all archive workers",
+            deliver_policy=js_api.DeliverPolicy.ALL,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=s.ack_wait_s,
+            # +1: the last delivery only reports FAILED and dead-letters the job.
+            max_deliver=s.max_deliver + 1,
+            max_ack_pending=-1,
+            max_waiting=512,
+            filter_subject=c.JOBS_SUBJECTS,
+            num_replicas=s.stream_replicas,
+        )
+
+    async def ensure_topology(self) -> None:
+        """Create or update the streams and the consumer; safe to repeat.
+
+        Raises:
+            BrokerError: JetStream refused a configuration.
+        """
+        try:
+            for config in self.stream_configs():
+                try:
+                    await self.js.stream_info(config.name or "")
+                except NotFoundError:
+                    await self.js.add_stream(config)
+                    log.info("stream.created name=%s", config.name)
+                else:
+                    await self.js.update_stream(config)
+            await self.js.add_consumer(c.JOBS_STREAM, self.consumer_config())
+        except APIError as exc:
+            raise BrokerError(f"JetStream refused the topology: {exc}") from exc
+        except (NatsError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"JetStream not available: {exc}") from exc
+
+    async def topology_present(self) -> bool:
+        """True when every stream and the consumer exist (for readiness)."""
+        try:
+            for config in self.stream_configs():
+                await self.js.stream_info(config.name or "")
+            await self.js.consumer_info(c.JOBS_STREAM, c.WORKERS_CONSUMER)
+        except (NatsError, TimeoutError):
+            return False
+
+        return True
+
+    # --- jobs -----------------------------------------------------------------
+
+    async def publish_job(
+        self, spec: JobSpec, *, msg_id: str, headers: dict[str, str] | None = None
+    ) -> bool:
+        """Queue a job.
+
+        Returns:
+            True if the job is new, False if JetStream recognised it as a
+            duplicate of a job already accepted within the duplicate window.
+
+        Raises:
+            QueueFull: the jobs stream is at its limit.
+            BrokerUnavailable: JetStream did not answer.
+        """
+        hdrs = {
+            c.MSG_ID_HEADER: msg_id,
+            c.JOB_ID_HEADER: spec.job_id,
+            c.FLAVOUR_HEADER: spec.flavour.value,
+            **(headers or {}),
+        }
+        try:
+            ack = await self.js.publish(
+                c.job_subject(spec.flavour.value),
+                encode_job(spec),
+                headers=hdrs,
+                stream=c.JOBS_STREAM,
+            )
+        except APIError as exc:
+            if exc.err_code in (_ERR_MAX_MSGS, _ERR_MAX_BYTES):
+                raise QueueFull("maximum number of queued jobs exceeded") from exc
+            raise BrokerError(f"JetStream refused the job: {exc.description}") from exc
+        except (NatsError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"JetStream did not take the job: {exc}") from exc
+
+        return not ack.duplicate
+
+    async def queue_state(self) -> QueueState:
+        """Read waiting and in-flight jobs from the jobs stream and consumer.
+
+        A work-queue stream holds exactly the unfinished jobs; those the
+        consumer has delivered are in flight, the rest wait.  The stream is
+        bounded by ``queue_size``, so this reads at most that many headers.
+        """
+        try:
+            stream = await self.js.stream_info(c.JOBS_STREAM)
+            consumer = await self.js.consumer_info(c.JOBS_STREAM, c.WORKERS_CONSUMER)
+        except (NatsError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"JetStream did not answer: {exc}") from exc
+        delivered_seq = consumer.delivered.stream_seq if consumer.delivered else 0
+        state = QueueState(
+            limit=self.settings.queue_size,
+            redelivered=consumer.num_redelivered or 0,
+        )
+        remaining = stream.state.messages
+        seq = stream.state.first_seq
+        while remaining > 0:
+            try:
+                msg = await self.js.get_msg(
+                    c.JOBS_STREAM,
+                    seq=seq,
+                    subject=c.JOBS_SUBJECTS,
+                    next=True,
+                    direct=True,
+                )
+            except NotFoundError:
+                break
+            except (NatsError, TimeoutError) as exc:
+                raise BrokerUnavailable(f"JetStream did not answer: {exc}") from exc
+            job_id = (msg.headers or {}).get(c.JOB_ID_HEADER, "")
+            if msg.seq is not None and msg.seq <= delivered_seq:
+                state.processing.append(job_id)
+            else:
+                state.waiting.append(job_id)
+                if state.oldest_waiting_ts is None and msg.time is not None:
+                    state.oldest_waiting_ts = msg.time.timestamp()
+            seq = (msg.seq or seq) + 1
+            remaining -= 1
+
+        return state
+
+    # --- status events ----------------------------------------------------------
+
+    async def publish_event(self, event: StatusEvent) -> None:
+        """Append a status event to the job's subject.
+
+        Raises:
+            BrokerUnavailable: JetStream did not store the event.
+        """
+        try:
+            await self.js.publish(
+                c.status_subject(event.job_id),
+                encode_event(event),
+                stream=c.STATUS_STREAM,
+            )
+        except (NatsError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"status event not stored: {exc}") from exc
+
+    async def last_event(self, job_id: str) -> StatusEvent | None:
+        """The newest status event of a job, or None if there is none."""
+        try:
+            msg = await self.js.get_last_msg(
+                c.STATUS_STREAM, c.status_subject(job_id), direct=True
+            )
+        except NotFoundError:
+            return None
+        except (NatsError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"JetStream did not answer: {exc}") from exc
+        try:
+            return decode_event(msg.data or b"")
+        except msgspec.ValidationError:
+            log.warning("status_event.undecodable job_id=%s", job_id)
+            return None
+
+
+@contextlib.asynccontextmanager
+async def open_broker(settings: Settings, *, name: str) -> AsyncIterator[Broker]:
+    """Connect to NATS, starting an embedded server if no URL is configured.
+
+    The streams and the consumer are created or updated before this yields;
+    on exit the connection is drained and an embedded server stopped.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        url = settings.nats_url
+        if not url:
+            server = EmbeddedNats(
+                f"{settings.data_dir}/nats", port=settings.embedded_nats_port
+            )
+            await stack.enter_async_context(server)
+            url = server.url
+            assert url is not None
+        broker = await Broker.connect(settings, url=url, name=name)
+        stack.push_async_callback(broker.close)
+        await broker.ensure_topology()
+        yield broker

@@ -1,0 +1,115 @@
+"""The NATS adapter against a real nats-server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from archive_worker import constants as c
+from archive_worker.broker import Broker
+from archive_worker.config import Settings
+from archive_worker.embedded import EmbeddedNats
+from archive_worker.errors import QueueFull
+from archive_worker.events import StatusEvent
+from archive_worker.jobs import (
+    Flavour,
+    JobSpec,
+    JobStatus,
+    MoodleEndpoint,
+    job_identity,
+)
+
+
+def _spec(token: str) -> JobSpec:
+    job_id, _ = job_identity(Flavour.QUIZ_ARCHIVER, "http://moodle", token)
+    return JobSpec(
+        job_id=job_id,
+        flavour=Flavour.QUIZ_ARCHIVER,
+        moodle=MoodleEndpoint(
+            base_url="http://moodle",
+            ws_url="http://moodle/webservice/rest/server.php",
+            upload_url="http://moodle/webservice/upload.php",
+            token=token,
+        ),
+        archive_filename="archive",
+        courseid=1,
+        cmid=1,
+        quizid=1,
+    )
+
+
+async def _publish(broker: Broker, token: str) -> bool:
+    spec = _spec(token)
+    _, msg_id = job_identity(spec.flavour, spec.moodle.base_url, token)
+    return await broker.publish_job(spec, msg_id=msg_id)
+
+
+class TestTopology:
+    async def test_ensure_topology_is_idempotent(self, broker: Broker) -> None:
+        """Creating the streams twice changes nothing and keeps the consumer."""
+        await broker.ensure_topology()
+        assert await broker.topology_present()
+        info = await broker.js.stream_info(c.JOBS_STREAM)
+        assert info.config.max_msgs == broker.settings.queue_size
+
+    async def test_settings_change_updates_stream(
+        self, nats_server: EmbeddedNats, make_settings: Callable[..., Settings]
+    ) -> None:
+        """A new queue size is applied to the existing stream at start."""
+        assert nats_server.url
+        for size in (4, 6):
+            b = await Broker.connect(
+                make_settings(queue_size=size), url=nats_server.url, name="t"
+            )
+            await b.ensure_topology()
+            info = await b.js.stream_info(c.JOBS_STREAM)
+            await b.close()
+            assert info.config.max_msgs == size
+
+
+class TestJobs:
+    async def test_duplicate_is_recognised(self, broker: Broker) -> None:
+        """The same job published twice is stored once."""
+        assert await _publish(broker, "tok-a") is True
+        assert await _publish(broker, "tok-a") is False
+        state = await broker.queue_state()
+        assert state.waiting == [_spec("tok-a").job_id]
+
+    async def test_queue_full_raises(self, broker: Broker) -> None:
+        """Past queue_size unfinished jobs the stream refuses new ones."""
+        for i in range(broker.settings.queue_size):
+            await _publish(broker, f"tok-{i}")
+        with pytest.raises(QueueFull):
+            await _publish(broker, "one-too-many")
+
+    async def test_last_event(self, broker: Broker) -> None:
+        """The newest event of a job is what last_event returns."""
+        job_id = _spec("t").job_id
+        assert await broker.last_event(job_id) is None
+        for status in (JobStatus.AWAITING_PROCESSING, JobStatus.RUNNING):
+            await broker.publish_event(
+                StatusEvent(job_id=job_id, flavour="quiz_archiver", status=status)
+            )
+        event = await broker.last_event(job_id)
+        assert event is not None
+        assert event.status is JobStatus.RUNNING
+
+
+class TestEmbeddedNats:
+    async def test_keeps_data_across_restart(self, tmp_path) -> None:  # type: ignore[no-untyped-def]
+        """Jobs queued before a restart of the embedded server are still there."""
+        from archive_worker.config import load_settings
+
+        settings = load_settings(environ={}, overrides={"queue_size": 4})
+        for expected in (True, False):
+            async with EmbeddedNats(tmp_path / "nats", port=0) as server:
+                assert server.url
+                b = await Broker.connect(settings, url=server.url, name="t")
+                await b.ensure_topology()
+                if expected:
+                    await _publish(b, "persist")
+                state = await b.queue_state()
+                await b.close()
+            assert state.waiting == [_spec("persist").job_id]
+        assert server.pid is None
