@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import msgspec
-import nats
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
@@ -109,7 +108,7 @@ class Broker:
                 token=settings.nats_token,
                 user_credentials=settings.nats_creds,
                 tls=_ssl_context(settings),
-                connect_timeout=settings.nats_connect_timeout_s,
+                connect_timeout=max(1, round(settings.nats_connect_timeout_s)),
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=1,

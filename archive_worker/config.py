@@ -340,11 +340,10 @@ def _check_ranges(s: Settings) -> None:
     for key in _NON_NEGATIVE:
         if getattr(s, key) < 0:
             raise ConfigError(key, getattr(s, key), "must not be negative")
-    for key in ("port", "embedded_nats_port"):
-        if not 0 <= getattr(s, key) <= 65535:
-            raise ConfigError(key, getattr(s, key), "must be a TCP port (0-65535)")
-    if s.metrics_port is not None and not 0 <= s.metrics_port <= 65535:
-        raise ConfigError("metrics_port", s.metrics_port, "must be a TCP port")
+    for key in ("port", "embedded_nats_port", "metrics_port"):
+        value = getattr(s, key)
+        if value is not None and not 0 <= value <= 65535:
+            raise ConfigError(key, value, "must be a TCP port (0-65535)")
     if s.stream_replicas not in (1, 3, 5):
         raise ConfigError("stream_replicas", s.stream_replicas, "must be 1, 3 or 5")
     if s.duplicate_window_s > s.job_max_age_s:

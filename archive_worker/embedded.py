@@ -125,7 +125,8 @@ class EmbeddedNats:
         return self.url
 
     async def _await_ready(self) -> str:
-        assert self._proc is not None and self._proc.stderr is not None
+        assert self._proc is not None
+        assert self._proc.stderr is not None
         url = None
         while True:
             line = await self._proc.stderr.readline()
