@@ -326,6 +326,26 @@ class Broker:
         except (NatsError, TimeoutError) as exc:
             raise BrokerUnavailable(f"status event not stored: {exc}") from exc
 
+    async def publish_dead_letter(self, job_id: str, payload: bytes) -> None:
+        """Keep a failed job (already stripped of its token) for operators."""
+        try:
+            await self.js.publish(c.dlq_subject(job_id), payload, stream=c.DLQ_STREAM)
+        except (NatsError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"dead letter not stored: {exc}") from exc
+
+    async def request_cancel(self, job_id: str, *, timeout_s: float = 2.0) -> bool:
+        """Ask the worker holding ``job_id`` to cancel it.
+
+        Returns:
+            True if a worker answered (it held the job or saw the request).
+        """
+        try:
+            await self.nc.request(c.cancel_subject(job_id), b"", timeout=timeout_s)
+        except (NatsError, TimeoutError):
+            return False
+
+        return True
+
     async def last_event(self, job_id: str) -> StatusEvent | None:
         """The newest status event of a job, or None if there is none."""
         try:
