@@ -1,0 +1,1 @@
+"""Test suite of moodle-archive-worker."""
