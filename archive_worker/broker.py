@@ -346,6 +346,42 @@ class Broker:
 
         return True
 
+    @contextlib.asynccontextmanager
+    async def follow_events(
+        self, job_id: str | None = None, *, history: bool = True
+    ) -> AsyncIterator[AsyncIterator[StatusEvent]]:
+        """Status events of one job (or all jobs), as they are stored.
+
+        Uses an ordered ephemeral consumer, so it sees every event of the
+        subject from the start (``history``) or from now on, in order, and
+        survives reconnects.  Yields an async iterator; leaving the context
+        removes the consumer.
+        """
+        subject = c.status_subject(job_id) if job_id else c.STATUS_SUBJECTS
+        policy = js_api.DeliverPolicy.ALL if history else js_api.DeliverPolicy.NEW
+        try:
+            sub = await self.js.subscribe(
+                subject,
+                ordered_consumer=True,
+                deliver_policy=policy,
+                stream=c.STATUS_STREAM,
+            )
+        except (NatsError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot follow status events: {exc}") from exc
+
+        async def events() -> AsyncIterator[StatusEvent]:
+            async for msg in sub.messages:
+                try:
+                    yield decode_event(msg.data)
+                except msgspec.ValidationError:
+                    log.warning("status_event.undecodable subject=%s", msg.subject)
+
+        try:
+            yield events()
+        finally:
+            with contextlib.suppress(NatsError, TimeoutError):
+                await sub.unsubscribe()
+
     async def last_event(self, job_id: str) -> StatusEvent | None:
         """The newest status event of a job, or None if there is none."""
         try:

@@ -159,8 +159,16 @@ def demo(
 def show_config(
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the option table of the README.")
+    ] = False,
 ) -> None:
     """Print the effective configuration, secrets masked."""
+    if markdown:
+        from .config_doc import markdown_table
+
+        typer.echo(markdown_table(), nl=False)
+        return
     s = _settings(config)
     data = s.masked()
     if as_json:

@@ -113,3 +113,28 @@ class TestEmbeddedNats:
                 await b.close()
             assert state.waiting == [_spec("persist").job_id]
         assert server.pid is None
+
+
+class TestFollowEvents:
+    async def test_history_then_live(self, broker: Broker) -> None:
+        """A follower sees stored events first, then new ones, in order."""
+        job_id = _spec("follow").job_id
+
+        def event(status: JobStatus) -> StatusEvent:
+            return StatusEvent(job_id=job_id, flavour="quiz_archiver", status=status)
+
+        await broker.publish_event(event(JobStatus.AWAITING_PROCESSING))
+        seen: list[JobStatus] = []
+        async with broker.follow_events(job_id) as events:
+            async for e in events:
+                seen.append(e.status)
+                if e.status is JobStatus.AWAITING_PROCESSING:
+                    await broker.publish_event(event(JobStatus.RUNNING))
+                    await broker.publish_event(event(JobStatus.FINISHED))
+                if e.status.is_terminal:
+                    break
+        assert seen == [
+            JobStatus.AWAITING_PROCESSING,
+            JobStatus.RUNNING,
+            JobStatus.FINISHED,
+        ]
