@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 _ERR_MAX_MSGS = 10077
 #: ... and for "maximum bytes exceeded".
 _ERR_MAX_BYTES = 10078
+#: ... and for "wrong last sequence" (an expected-sequence header failed).
+_ERR_WRONG_LAST_SEQ = 10071
+_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 #: A job message is small (a few KiB); this bounds the stream's bytes too.
 _MAX_JOB_MSG_BYTES = 1_048_576
 #: Timeout of JetStream API requests.
@@ -265,6 +268,15 @@ class Broker:
 
         return not ack.duplicate
 
+    async def queue_depth(self) -> int:
+        """Unfinished jobs in the jobs stream (one cheap request)."""
+        try:
+            stream = await self.js.stream_info(c.JOBS_STREAM)
+        except (NatsError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"JetStream did not answer: {exc}") from exc
+
+        return int(stream.state.messages)
+
     async def queue_state(self) -> QueueState:
         """Read waiting and in-flight jobs from the jobs stream and consumer.
 
@@ -311,20 +323,40 @@ class Broker:
 
     # --- status events ----------------------------------------------------------
 
-    async def publish_event(self, event: StatusEvent) -> None:
+    async def publish_event(
+        self, event: StatusEvent, *, only_if_first: bool = False
+    ) -> bool:
         """Append a status event to the job's subject.
+
+        Args:
+            event: the event.
+            only_if_first: store it only if the job has no event yet.  The
+                bridge's AWAITING_PROCESSING goes out after the job, so a fast
+                worker may already have written RUNNING; this keeps the
+                job's history from going backwards.
+
+        Returns:
+            False if ``only_if_first`` was set and the job already had events.
 
         Raises:
             BrokerUnavailable: JetStream did not store the event.
         """
+        headers = {_EXPECTED_LAST_SUBJECT_SEQ: "0"} if only_if_first else None
         try:
             await self.js.publish(
                 c.status_subject(event.job_id),
                 encode_event(event),
                 stream=c.STATUS_STREAM,
+                headers=headers,
             )
+        except APIError as exc:
+            if only_if_first and exc.err_code == _ERR_WRONG_LAST_SEQ:
+                return False
+            raise BrokerUnavailable(f"status event not stored: {exc}") from exc
         except (NatsError, TimeoutError) as exc:
             raise BrokerUnavailable(f"status event not stored: {exc}") from exc
+
+        return True
 
     async def publish_dead_letter(self, job_id: str, payload: bytes) -> None:
         """Keep a failed job (already stripped of its token) for operators."""

@@ -360,11 +360,12 @@ class _Bridge:
         A resubmission of a job still in the queue is let through: JetStream
         recognises it as a duplicate and it takes no room.
         """
+        if await self.broker.queue_depth() < self.settings.queue_size:
+            return
         state = await self.broker.queue_state()
         if spec.job_id in state.waiting or spec.job_id in state.processing:
             return
-        if len(state.waiting) + len(state.processing) >= self.settings.queue_size:
-            raise self._queue_full()
+        raise self._queue_full()
 
     async def _probe(self, spec: JobSpec) -> None:
         assert self._session is not None, "the app's startup opens the session"
@@ -402,7 +403,7 @@ class _Bridge:
             moodle=spec.moodle_ref(),
         )
         try:
-            await self.broker.publish_event(event)
+            await self.broker.publish_event(event, only_if_first=True)
         except BrokerError as exc:
             # The job is queued, so Moodle must get its id: failing the POST
             # now would leave a job running that Moodle never recorded.

@@ -138,3 +138,18 @@ class TestFollowEvents:
             JobStatus.RUNNING,
             JobStatus.FINISHED,
         ]
+
+    async def test_only_if_first(self, broker: Broker) -> None:
+        """An event marked only_if_first is dropped once the job has events."""
+        job_id = _spec("first").job_id
+        running = StatusEvent(
+            job_id=job_id, flavour="quiz_archiver", status=JobStatus.RUNNING
+        )
+        queued = StatusEvent(
+            job_id=job_id, flavour="quiz_archiver", status=JobStatus.AWAITING_PROCESSING
+        )
+        await broker.publish_event(running)
+        assert await broker.publish_event(queued, only_if_first=True) is False
+        last = await broker.last_event(job_id)
+        assert last is not None
+        assert last.status is JobStatus.RUNNING
