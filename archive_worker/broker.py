@@ -93,10 +93,11 @@ class Broker:
         """
 
         async def on_disconnect() -> None:
-            log.warning("nats.disconnected")
+            if not (nc.is_closed or nc.is_draining):
+                log.warning("nats.disconnected")
 
         async def on_reconnect() -> None:
-            log.info("nats.reconnected url=%s", nc.connected_url)
+            log.info("nats.reconnected url=%s", _url(nc))
 
         async def on_error(exc: Exception) -> None:
             log.warning("nats.error error=%s", exc)
@@ -121,9 +122,14 @@ class Broker:
             )
         except (NatsError, OSError, TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot connect to NATS at {url}: {exc}") from exc
-        log.info("nats.connected url=%s", nc.connected_url)
+        log.info("nats.connected url=%s", _url(nc))
 
         return cls(nc, settings)
+
+    @property
+    def url(self) -> str:
+        """The server this client is connected to."""
+        return _url(self.nc)
 
     @property
     def connected(self) -> bool:
@@ -429,6 +435,11 @@ class Broker:
         except msgspec.ValidationError:
             log.warning("status_event.undecodable job_id=%s", job_id)
             return None
+
+
+def _url(nc: Client) -> str:
+    url = nc.connected_url
+    return url.geturl() if url is not None else "-"
 
 
 @contextlib.asynccontextmanager

@@ -28,7 +28,10 @@ _job_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar
 )
 
 #: Attributes every LogRecord has; anything else was passed in ``extra``.
-_STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message"}
+_STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {
+    "message",
+    "asctime",
+}
 
 
 @contextlib.contextmanager

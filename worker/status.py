@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class StatusSink(Protocol):
     """Where status events go (the broker, or a list in tests)."""
 
-    async def publish_event(self, event: StatusEvent) -> None:
+    async def publish_event(self, event: StatusEvent) -> object:
         """Store one event."""
 
 
