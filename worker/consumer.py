@@ -371,7 +371,9 @@ class WorkerService:
     ) -> None:
         self.stats.jobs_failed += 1
         log.error("job.%s error=%s", status.value.lower(), exc.describe())
-        await reporter.transition(status, stage=exc.stage or Stage.START, error=exc)
+        await reporter.transition(
+            status, stage=exc.stage or Stage.START, item=exc.attempt, error=exc
+        )
         await delivery.term()
 
     async def _heartbeat(self, delivery: Delivery) -> None:

@@ -106,7 +106,10 @@ class JobRunner:
             archive.size,
             archive.sha256,
         )
-        await self.reporter.transition(JobStatus.FINALIZING, stage=Stage.UPLOAD)
+        # Same status, new stage: Moodle already knows FINALIZING.
+        await self.reporter.transition(
+            JobStatus.FINALIZING, stage=Stage.UPLOAD, to_moodle=False
+        )
         await self.moodle.upload_archive(archive.path, sha256=archive.sha256)
         log.info(
             "job.uploaded items=%d bytes=%d seconds=%.1f",

@@ -82,26 +82,30 @@ class StatusReporter:
         error: JobError | None = None,
         to_moodle: bool = True,
     ) -> None:
-        """Record a new state: event on NATS, then Moodle (if it may be told)."""
+        """Record a new state: Moodle first (if it may be told), then NATS.
+
+        In this order a subscriber that sees a terminal event knows that
+        Moodle has been told as well.
+        """
         self.status = status
         if progress is not None:
             self.progress = progress
+        if to_moodle and status is not JobStatus.FINISHED:
+            await self._tell_moodle(status, progress)
         await self._publish(
             status, stage=stage, progress=progress, item=item, error=error
         )
-        if to_moodle and status is not JobStatus.FINISHED:
-            await self._tell_moodle(status, progress)
 
     async def progress_step(
         self, done: int, total: int, *, stage: str, item: int
     ) -> None:
         """One more report done: event always, Moodle at the configured interval."""
         self.progress = round(done / total * 100) if total else 100
+        if time.monotonic() - self._last_moodle_call >= self._interval_s:
+            await self._tell_moodle(JobStatus.RUNNING, self.progress)
         await self._publish(
             JobStatus.RUNNING, stage=stage, progress=self.progress, item=item
         )
-        if time.monotonic() - self._last_moodle_call >= self._interval_s:
-            await self._tell_moodle(JobStatus.RUNNING, self.progress)
 
     async def _tell_moodle(self, status: JobStatus, progress: int | None) -> None:
         if self._moodle is None or self._moodle_closed:
