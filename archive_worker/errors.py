@@ -197,10 +197,11 @@ def redact(text: str) -> str:
 def redact_url(url: str) -> str:
     """Return ``url`` with credential query parameters masked."""
     parts = urlsplit(url)
-    if not parts.query:
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(k.lower() in SECRET_QUERY_KEYS for k, _ in pairs):
         return url
     query = [
         (k, "***" if k.lower() in SECRET_QUERY_KEYS else v)
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        for k, v in pairs
     ]
     return urlunsplit(parts._replace(query=urlencode(query, safe="*")))

@@ -91,3 +91,8 @@ class TestRedaction:
         err = JobError(f"failed at ?token={SECRET_TOKEN}", stage="upload", attempt=3)
         assert SECRET_TOKEN not in str(err)
         assert err.describe() == "[stage upload, item 3] failed at ?token=***"
+
+    def test_redact_url_leaves_other_urls_alone(self) -> None:
+        """A URL without credentials comes back byte for byte."""
+        url = "http://m/theme/yui_combo.php?rollup/3.18.1/yui-moodlesimple.css"
+        assert redact_url(url) == url

@@ -140,7 +140,7 @@ class JobNetwork:
             return
         self._reported.update(new)
         listed = [
-            f"{_log_url(url)} ({self.failed[url]})" for url in new[:MAX_LISTED_URLS]
+            f"{redact_url(url)} ({self.failed[url]})" for url in new[:MAX_LISTED_URLS]
         ]
         if len(new) > MAX_LISTED_URLS:
             listed.append(f"... {len(new) - MAX_LISTED_URLS} more")
@@ -177,7 +177,7 @@ class JobNetwork:
         self._login_blocked += 1
         if self._login_blocked == 1:
             log.warning(
-                "render.login_redirect_blocked how=%s url=%s", how, _log_url(url)
+                "render.login_redirect_blocked how=%s url=%s", how, redact_url(url)
             )
 
     def note_console(self, text: str) -> None:
@@ -211,7 +211,7 @@ class JobNetwork:
             return
         patched, count = AJAX_LOGIN_REDIRECT.subn(lambda _: AJAX_LOGIN_PATCH, source)
         if count:
-            log.debug("render.script_patched url=%s count=%d", _log_url(url), count)
+            log.debug("render.script_patched url=%s count=%d", redact_url(url), count)
         headers = {
             name: value
             for name, value in response.headers.items()
@@ -236,7 +236,7 @@ class JobNetwork:
     def _on_request_failed(self, request: Request) -> None:
         url = request.url
         reason = request.failure or "failed"
-        log.debug("render.request_failed url=%s error=%s", _log_url(url), reason)
+        log.debug("render.request_failed url=%s error=%s", redact_url(url), reason)
         # Requests the page or we gave up on (a login navigation answered
         # with 204, a blocked login call, a page closing) are no missing file.
         if url.startswith("data:") or reason in _NOT_MISSING:
@@ -282,16 +282,7 @@ def _first_line(text: str) -> str:
 
 
 def _url(route: Route) -> str:
-    return _log_url(route.request.url)
-
-
-def _log_url(url: str) -> str:
-    """``url`` for a log line: tokens masked, otherwise untouched.
-
-    ``redact_url`` re-encodes every query; Moodle's combo loader URLs
-    (``yui_combo.php?rollup/3.18.1/...``) would come out unrecognisable.
-    """
-    return redact_url(url) if redact(url) != url else url
+    return redact_url(route.request.url)
 
 
 def _item(item: int | None) -> str:
