@@ -7,7 +7,7 @@ NATS data folder, so streams never leak between tests.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,16 @@ def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
         if name.startswith(("ARCHIVE_WORKER_", "QUIZ_ARCHIVER_", "MOODLE_ARCHIVER_")):
             monkeypatch.delenv(name)
     monkeypatch.delenv("NATS_URL", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Undo the root logging set-up that CLI commands install."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
