@@ -7,6 +7,8 @@ CLI all talk to JetStream through :class:`Broker`.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import logging
 import ssl
@@ -18,7 +20,13 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NotFoundError, ObjectNotFoundError
+from nats.js.object_store import (
+    OBJ_CHUNKS_PRE_TEMPLATE,
+    OBJ_META_PRE_TEMPLATE,
+    OBJ_STREAM_TEMPLATE,
+    ObjectStore,
+)
 
 from . import constants as c
 from .config import Settings
@@ -40,6 +48,8 @@ _EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 _MAX_JOB_MSG_BYTES = 1_048_576
 #: Timeout of JetStream API requests.
 _API_TIMEOUT_S = 5.0
+#: The stream behind the checkpoint object store (nats-py's naming).
+_CHECKPOINT_STREAM = OBJ_STREAM_TEMPLATE.format(bucket=c.CHECKPOINT_BUCKET)
 
 
 @dataclass
@@ -83,6 +93,7 @@ class Broker:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=_API_TIMEOUT_S)
         self.settings = settings
+        self._checkpoints: ObjectStore | None = None
 
     @classmethod
     async def connect(cls, settings: Settings, *, url: str, name: str) -> Broker:
@@ -221,10 +232,33 @@ class Broker:
                 else:
                     await self.js.update_stream(config)
             await self.js.add_consumer(c.JOBS_STREAM, self.consumer_config())
+            await self._ensure_checkpoint_bucket()
         except APIError as exc:
             raise BrokerError(f"JetStream refused the topology: {exc}") from exc
         except (NatsError, TimeoutError) as exc:
             raise BrokerUnavailable(f"JetStream not available: {exc}") from exc
+
+    async def _ensure_checkpoint_bucket(self) -> None:
+        """Create the checkpoint object store if it is missing.
+
+        Its TTL is the jobs stream's ``max_age``: a checkpoint cannot outlive
+        the job message it belongs to, so whatever a crash leaves behind is
+        gone by the time its job could not be redelivered anyway.
+        """
+        s = self.settings
+        try:
+            self._checkpoints = await self.js.object_store(c.CHECKPOINT_BUCKET)
+        except NotFoundError:
+            self._checkpoints = await self.js.create_object_store(
+                c.CHECKPOINT_BUCKET,
+                config=js_api.ObjectStoreConfig(
+                    description="Rendered items of running archive jobs",
+                    ttl=s.job_max_age_s,
+                    storage=js_api.StorageType.FILE,
+                    replicas=s.stream_replicas,
+                ),
+            )
+            log.info("object_store.created name=%s", c.CHECKPOINT_BUCKET)
 
     async def topology_present(self) -> bool:
         """True when every stream and the consumer exist (for readiness)."""
@@ -326,6 +360,73 @@ class Broker:
             remaining -= 1
 
         return state
+
+    # --- checkpoints --------------------------------------------------------------
+
+    async def put_checkpoint(self, name: str, data: bytes) -> None:
+        """Store (or replace) one object in the checkpoint bucket.
+
+        Raises:
+            BrokerUnavailable: JetStream did not store it.
+        """
+        try:
+            store = await self._checkpoint_store()
+            await store.put(name, data)
+        except (NatsError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"checkpoint {name} not stored: {exc}") from exc
+
+    async def get_checkpoint(self, name: str) -> bytes | None:
+        """One object of the checkpoint bucket, or None if there is none.
+
+        Raises:
+            BrokerUnavailable: JetStream did not answer.
+        """
+        try:
+            store = await self._checkpoint_store()
+            result = await store.get(name)
+        except ObjectNotFoundError:
+            return None
+        except (NatsError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"checkpoint {name} not read: {exc}") from exc
+
+        return bytes(result.data or b"")
+
+    async def delete_checkpoint(self, name: str) -> bool:
+        """Remove one object, its metadata and its chunks, from the bucket.
+
+        nats-py's ``delete`` writes a "deleted" marker that stays until the
+        TTL; purging both subjects instead leaves nothing of the job behind.
+        The metadata goes first, so a reader never sees a half-removed object.
+
+        Returns:
+            False if there was no such object.
+
+        Raises:
+            BrokerUnavailable: JetStream did not answer.
+        """
+        try:
+            store = await self._checkpoint_store()
+            try:
+                info = await store.get_info(name)
+            except ObjectNotFoundError:
+                return False
+            encoded = base64.urlsafe_b64encode(name.encode()).decode()
+            for subject in (
+                OBJ_META_PRE_TEMPLATE.format(bucket=c.CHECKPOINT_BUCKET, obj=encoded),
+                OBJ_CHUNKS_PRE_TEMPLATE.format(
+                    bucket=c.CHECKPOINT_BUCKET, obj=info.nuid
+                ),
+            ):
+                await self.js.purge_stream(_CHECKPOINT_STREAM, subject=subject)
+        except (NatsError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"checkpoint {name} not deleted: {exc}") from exc
+
+        return True
+
+    async def _checkpoint_store(self) -> ObjectStore:
+        if self._checkpoints is None:
+            self._checkpoints = await self.js.object_store(c.CHECKPOINT_BUCKET)
+        return self._checkpoints
 
     # --- status events ----------------------------------------------------------
 
@@ -437,6 +538,22 @@ class Broker:
             return None
 
 
+_LOOPBACK = "127.0.0.1"
+
+
+async def _listening(host: str, port: int) -> bool:
+    """True if something accepts TCP connections on ``host:port``."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+    return True
+
+
 def _url(nc: Client) -> str:
     url = nc.connected_url
     return url.geturl() if url is not None else "-"
@@ -446,15 +563,21 @@ def _url(nc: Client) -> str:
 async def open_broker(settings: Settings, *, name: str) -> AsyncIterator[Broker]:
     """Connect to NATS, starting an embedded server if no URL is configured.
 
+    Without ``nats_url``, a server already listening on the embedded port of
+    this machine (another ``archive-worker`` process's embedded server) is
+    used; otherwise this process starts one.  So ``archive-worker bridge``
+    and ``archive-worker worker`` started side by side share one server.
     The streams and the consumer are created or updated before this yields;
     on exit the connection is drained and an embedded server stopped.
     """
     async with contextlib.AsyncExitStack() as stack:
         url = settings.nats_url
+        port = settings.embedded_nats_port
+        if not url and port and await _listening(_LOOPBACK, port):
+            url = f"nats://{_LOOPBACK}:{port}"
+            log.info("embedded_nats.shared url=%s", url)
         if not url:
-            server = EmbeddedNats(
-                f"{settings.data_dir}/nats", port=settings.embedded_nats_port
-            )
+            server = EmbeddedNats(f"{settings.data_dir}/nats", port=port)
             await stack.enter_async_context(server)
             url = server.url
             assert url is not None

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from archive_worker import constants as c
-from archive_worker.broker import Broker
+from archive_worker.broker import Broker, _listening, open_broker
 from archive_worker.config import Settings
 from archive_worker.embedded import EmbeddedNats
 from archive_worker.errors import QueueFull
@@ -153,3 +153,26 @@ class TestFollowEvents:
         last = await broker.last_event(job_id)
         assert last is not None
         assert last.status is JobStatus.RUNNING
+
+
+class TestOpenBroker:
+    async def test_shares_a_running_embedded_server(
+        self, nats_server: EmbeddedNats, make_settings: Callable[..., Settings]
+    ) -> None:
+        """Without NATS_URL, a server on the embedded port is used, not a new one."""
+        assert nats_server.url
+        port = int(nats_server.url.rsplit(":", 1)[1])
+        settings = make_settings(embedded_nats_port=port)
+        async with open_broker(settings, name="t") as b:
+            assert b.url == f"nats://127.0.0.1:{port}"
+            assert await b.topology_present()
+
+    async def test_starts_and_stops_an_embedded_server(
+        self, make_settings: Callable[..., Settings]
+    ) -> None:
+        """Without NATS_URL and nothing listening, the broker brings its own."""
+        settings = make_settings(embedded_nats_port=0)
+        async with open_broker(settings, name="t") as b:
+            url = b.url
+            assert await b.topology_present()
+        assert not await _listening("127.0.0.1", int(url.rsplit(":", 1)[1]))
