@@ -15,6 +15,8 @@ import typer
 from . import __version__, logs
 from .config import Settings, load_settings
 from .errors import ArchiveWorkerError, ConfigError
+from .jobs import Flavour
+from .ops.commands import register as register_operator_commands
 
 app = typer.Typer(
     name="archive-worker",
@@ -130,9 +132,8 @@ def up(
 @app.command()
 def demo(
     flavour: Annotated[
-        str,
-        typer.Option(help="quiz_archiver, archivingmod_quiz or archivingmod_assign"),
-    ] = "quiz_archiver",
+        Flavour, typer.Option(help="The plugin API to submit the job with.")
+    ] = Flavour.QUIZ_ARCHIVER,
     output_dir: Annotated[Path, typer.Option(help="Where the ZIP is left.")] = Path(
         "."
     ),
@@ -147,7 +148,7 @@ def demo(
     )
     try:
         path = asyncio.run(
-            run_demo(s, flavour=flavour, output_dir=output_dir, echo=typer.echo)
+            run_demo(s, flavour=flavour.value, output_dir=output_dir, echo=typer.echo)
         )
     except ArchiveWorkerError as exc:
         typer.echo(f"demo failed: {exc}", err=True)
@@ -183,6 +184,11 @@ def show_config(
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)
+
+
+# Operator commands (status, jobs, job, watch, workers, streams, cancel, check,
+# schema, dlq) live in archive_worker.ops.
+register_operator_commands(app)
 
 
 def main() -> None:

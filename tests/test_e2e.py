@@ -26,6 +26,8 @@ from archive_worker.moodle_sim import MoodleSimulator
 from archive_worker.moodle_sim.model import SimJob
 from archive_worker.moodle_sim.scenario import reference_quiz
 
+from .test_pdf import PDFAID_NS, xmp_values
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 #: Text that only the report of each reference attempt contains.
@@ -387,3 +389,64 @@ NEVER_READY_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">
 <script>window.MathJax = {version: "3.2.2", startup: {promise: new Promise(() => {})}};
 </script></head><body class="quiz-archiver-report">
 <span class="filter_mathjaxloader_equation">\\(x^2\\)</span></body></html>"""
+
+
+class TestPostprocessing:
+    async def test_pdfa_and_image_optimisation(
+        self, e2e_settings: Callable[..., Settings], moodle: MoodleSimulator
+    ) -> None:
+        """With PDF/A on and image_optimize set, archived PDFs claim PDF/A-3b."""
+        job, body = reference_quiz(
+            moodle, attempt_ids=[23], backups=False, keep_html_files=False
+        )
+        body["task_archive_quiz_attempts"]["image_optimize"] = {
+            "width": 64,
+            "height": 64,
+            "quality": 60,
+        }
+        async with dev_stack(e2e_settings(pdfa_conversion=True), moodle=moodle) as s:
+            await run_job(s, "quiz_archiver", body)
+
+        pdf = unpack(job)["attempts/attempt-23/attempt-23.pdf"]
+        reader = pypdf.PdfReader(io.BytesIO(pdf))
+        assert xmp_values(reader, PDFAID_NS) == {"part": "3", "conformance": "B"}
+        assert "/OutputIntents" in reader.root_object
+        assert ATTEMPT_TEXT[23] in pdf_text(pdf)
+        sizes = {
+            (int(image.image.width), int(image.image.height))
+            for page in reader.pages
+            for image in page.images
+            if image.image is not None
+        }
+        # The opaque 100x60 PNGs of the page now fit 64x64 (aspect kept); the
+        # three transparent PNGs are left alone (contract 3.7).
+        assert sizes == {(64, 38), (600, 600), (752, 768), (1920, 1200)}
+
+
+class TestDeliveries:
+    async def test_gives_up_after_max_deliveries(
+        self, e2e_settings: Callable[..., Settings], moodle: MoodleSimulator
+    ) -> None:
+        """Moodle failing every time: retried, then FAILED and a token-free dead letter."""
+        job, body = reference_quiz(moodle, attempt_ids=[24], backups=False)
+        moodle.fail_next(
+            "quiz_archiver_generate_attempt_report", times=None, status=503
+        )
+        async with dev_stack(e2e_settings(max_deliver=2), moodle=moodle) as s:
+            events = await run_job(s, "quiz_archiver", body)
+            job_id = events[0].job_id
+            dead = await s.broker.js.get_last_msg(
+                "ARCHIVE_DLQ", f"archive.dlq.{job_id}", direct=True
+            )
+            queued = await s.broker.queue_depth()
+
+        deliveries = [e.delivery for e in events if e.status is JobStatus.RUNNING]
+        assert deliveries == [1, 2]
+        assert events[-1].status is JobStatus.FAILED
+        assert events[-1].error_code == "moodle_unavailable"
+        assert job.statuses[-1] == "FAILED"
+        assert job.uploads == []
+        assert queued == 0
+        assert dead.data is not None
+        assert b"moodle_unavailable" in dead.data
+        assert job.token.encode() not in dead.data
