@@ -12,6 +12,7 @@ import base64
 import contextlib
 import logging
 import ssl
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -20,7 +21,13 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import (
+    APIError,
+    NoStreamResponseError,
+    NotFoundError,
+    ObjectNotFoundError,
+    ServiceUnavailableError,
+)
 from nats.js.object_store import (
     OBJ_CHUNKS_PRE_TEMPLATE,
     OBJ_META_PRE_TEMPLATE,
@@ -48,6 +55,16 @@ _EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 _MAX_JOB_MSG_BYTES = 1_048_576
 #: Timeout of JetStream API requests.
 _API_TIMEOUT_S = 5.0
+#: How long a publish keeps trying while its stream has no leader.  In a
+#: cluster, a crashed stream leader is replaced after nats-server's Raft
+#: election timeout (4-9 s); until then a publish finds no responder, gets a
+#: 503 or times out.
+_PUBLISH_RETRY_S = 12.0
+#: First pause between publish attempts; it doubles up to the maximum.
+_PUBLISH_PAUSE_S = 0.25
+_PUBLISH_PAUSE_MAX_S = 2.0
+#: What a publish sees while its stream elects a leader.
+_ELECTION_ERRORS = (NoStreamResponseError, ServiceUnavailableError, TimeoutError)
 #: The stream behind the checkpoint object store (nats-py's naming).
 _CHECKPOINT_STREAM = OBJ_STREAM_TEMPLATE.format(bucket=c.CHECKPOINT_BUCKET)
 
@@ -232,14 +249,16 @@ class Broker:
                 else:
                     await self.js.update_stream(config)
             await self.js.add_consumer(c.JOBS_STREAM, self.consumer_config())
-            await self._ensure_checkpoint_bucket()
         except APIError as exc:
             raise BrokerError(f"JetStream refused the topology: {exc}") from exc
         except (NatsError, TimeoutError) as exc:
             raise BrokerUnavailable(f"JetStream not available: {exc}") from exc
 
     async def _ensure_checkpoint_bucket(self) -> None:
-        """Create the checkpoint object store if it is missing.
+        """Open the checkpoint object store, creating it if it is missing.
+
+        Called on first use, not by :meth:`ensure_topology`: only workers use
+        checkpoints, and the bridge's user may not touch the bucket.
 
         Its TTL is the jobs stream's ``max_age``: a checkpoint cannot outlive
         the job message it belongs to, so whatever a crash leaves behind is
@@ -293,11 +312,11 @@ class Broker:
             **(headers or {}),
         }
         try:
-            ack = await self.js.publish(
+            ack = await self._publish(
                 c.job_subject(spec.flavour.value),
                 encode_job(spec),
-                headers=hdrs,
                 stream=c.JOBS_STREAM,
+                headers=hdrs,
             )
         except APIError as exc:
             if exc.err_code in (_ERR_MAX_MSGS, _ERR_MAX_BYTES):
@@ -425,7 +444,8 @@ class Broker:
 
     async def _checkpoint_store(self) -> ObjectStore:
         if self._checkpoints is None:
-            self._checkpoints = await self.js.object_store(c.CHECKPOINT_BUCKET)
+            await self._ensure_checkpoint_bucket()
+        assert self._checkpoints is not None
         return self._checkpoints
 
     # --- status events ----------------------------------------------------------
@@ -448,9 +468,12 @@ class Broker:
         Raises:
             BrokerUnavailable: JetStream did not store the event.
         """
-        headers = {_EXPECTED_LAST_SUBJECT_SEQ: "0"} if only_if_first else None
+        # A message id makes a retried publish idempotent (see _publish).
+        headers = {c.MSG_ID_HEADER: uuid.uuid4().hex}
+        if only_if_first:
+            headers[_EXPECTED_LAST_SUBJECT_SEQ] = "0"
         try:
-            await self.js.publish(
+            await self._publish(
                 c.status_subject(event.job_id),
                 encode_event(event),
                 stream=c.STATUS_STREAM,
@@ -468,9 +491,50 @@ class Broker:
     async def publish_dead_letter(self, job_id: str, payload: bytes) -> None:
         """Keep a failed job (already stripped of its token) for operators."""
         try:
-            await self.js.publish(c.dlq_subject(job_id), payload, stream=c.DLQ_STREAM)
+            await self._publish(
+                c.dlq_subject(job_id),
+                payload,
+                stream=c.DLQ_STREAM,
+                headers={c.MSG_ID_HEADER: uuid.uuid4().hex},
+            )
         except (NatsError, TimeoutError) as exc:
             raise BrokerUnavailable(f"dead letter not stored: {exc}") from exc
+
+    async def _publish(
+        self, subject: str, payload: bytes, *, stream: str, headers: dict[str, str]
+    ) -> js_api.PubAck:
+        """Publish to JetStream, retrying while the stream has no leader.
+
+        Only what a leader election causes is retried (no responder, 503, a
+        timeout), with a growing pause, for at most ``_PUBLISH_RETRY_S``.
+        ``headers`` must carry a ``Nats-Msg-Id``: a message that was stored
+        but whose acknowledgement was lost is then dropped as a duplicate.
+
+        Raises:
+            NatsError, TimeoutError: the last error once the time is up, or
+                any other error at once.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _PUBLISH_RETRY_S
+        pause = _PUBLISH_PAUSE_S
+        attempt = 1
+        while True:
+            try:
+                return await self.js.publish(
+                    subject, payload, stream=stream, headers=dict(headers)
+                )
+            except _ELECTION_ERRORS as exc:
+                if loop.time() + pause > deadline:
+                    raise
+                log.warning(
+                    "publish.retry subject=%s attempt=%d error=%s",
+                    subject,
+                    attempt,
+                    exc,
+                )
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, _PUBLISH_PAUSE_MAX_S)
+            attempt += 1
 
     async def request_cancel(self, job_id: str, *, timeout_s: float = 2.0) -> bool:
         """Ask the worker holding ``job_id`` to cancel it.

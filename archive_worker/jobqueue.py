@@ -26,10 +26,15 @@ from .errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
-#: How often a final acknowledgement is tried before giving up; the lease
+#: How long a final acknowledgement is tried before giving up; the lease
 #: then runs out and the job comes back, which the worker recognises from its
-#: terminal status event and acknowledges without work.
-_ACK_ATTEMPTS = 3
+#: terminal status event and acknowledges without work.  The time covers a
+#: consumer leader election in a cluster (nats-server's Raft election timeout
+#: is 4-9 s), during which an ack finds no responder at once.
+_ACK_RETRY_S = 12.0
+#: First pause between attempts; it doubles up to the maximum.
+_ACK_PAUSE_S = 0.25
+_ACK_PAUSE_MAX_S = 2.0
 _ACK_TIMEOUT_S = 2.0
 
 
@@ -84,7 +89,11 @@ class Delivery:
     async def _confirmed(
         self, action: Callable[[], Awaitable[object]], name: str
     ) -> None:
-        for attempt in range(1, _ACK_ATTEMPTS + 1):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _ACK_RETRY_S
+        pause = _ACK_PAUSE_S
+        attempt = 1
+        while True:
             try:
                 await asyncio.shield(action())
                 return
@@ -96,6 +105,11 @@ class Delivery:
                     attempt,
                     exc,
                 )
+            if loop.time() + pause > deadline:
+                break
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, _ACK_PAUSE_MAX_S)
+            attempt += 1
         log.error("lease.%s_gave_up job_id=%s", name, self.job_id)
 
 
