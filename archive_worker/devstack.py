@@ -22,6 +22,7 @@ from .config import Settings
 from .errors import ArchiveWorkerError
 from .events import StatusEvent
 from .moodle_sim import MoodleSimulator
+from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,13 @@ async def dev_stack(
     *,
     moodle: MoodleSimulator | None = None,
     worker: bool = True,
+    telemetry: Telemetry | None = None,
 ) -> AsyncIterator[DevStack]:
-    """Start NATS, bridge, worker and a Moodle simulator; stop them on exit."""
+    """Start NATS, bridge, worker and a Moodle simulator; stop them on exit.
+
+    ``telemetry``, if given, is shared by bridge and worker (the caller
+    shuts it down).
+    """
     from bridge.server import serve_bridge
     from worker.service import run_worker
 
@@ -105,13 +111,21 @@ async def dev_stack(
         broker = await stack.enter_async_context(
             open_broker(settings, name="dev-stack")
         )
-        address = await stack.enter_async_context(serve_bridge(settings, broker))
+        address = await stack.enter_async_context(
+            serve_bridge(settings, broker, telemetry)
+        )
         http = await stack.enter_async_context(aiohttp.ClientSession())
         dev = DevStack(settings, broker, moodle, address.url, http)
         if worker:
             started = asyncio.Event()
             dev.worker_task = asyncio.create_task(
-                run_worker(settings, broker, stop=dev.worker_stop, started=started)
+                run_worker(
+                    settings,
+                    broker,
+                    stop=dev.worker_stop,
+                    started=started,
+                    telemetry=telemetry,
+                )
             )
             stack.push_async_callback(dev.stop_worker)
             await _started(started, dev.worker_task)

@@ -200,8 +200,5 @@ def redact_url(url: str) -> str:
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     if not any(k.lower() in SECRET_QUERY_KEYS for k, _ in pairs):
         return url
-    query = [
-        (k, "***" if k.lower() in SECRET_QUERY_KEYS else v)
-        for k, v in pairs
-    ]
+    query = [(k, "***" if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs]
     return urlunsplit(parts._replace(query=urlencode(query, safe="*")))

@@ -36,11 +36,21 @@ class Stage(enum.StrEnum):
     DONE = "done"
 
 
-class StatusEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class StatusEvent(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    omit_defaults=True,
+    tag_field="schema",
+    tag=STATUS_EVENT_SCHEMA,
+):
     """One step in a job's life.
 
+    The layout version travels as the tag field ``schema`` (always
+    :data:`STATUS_EVENT_SCHEMA`): msgspec writes it into every event, even
+    with ``omit_defaults``, and refuses an event of another version.
+
     Attributes:
-        schema: layout version, always :data:`STATUS_EVENT_SCHEMA`.
         job_id: the id the bridge returned to Moodle.
         flavour: which plugin API submitted the job.
         status: the job state after this step.
@@ -56,7 +66,6 @@ class StatusEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
         time: Unix time of the event.
     """
 
-    schema: str = STATUS_EVENT_SCHEMA
     job_id: str
     flavour: str
     status: JobStatus
@@ -70,6 +79,31 @@ class StatusEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     trace_id: str | None = None
     moodle: MoodleRef | None = None
     time: float = msgspec.field(default_factory=time.time)
+
+
+#: ``error_code`` of the event an operator's ``cancel`` writes for a job that
+#: is still queued.  The job stays AWAITING_PROCESSING; the worker that takes
+#: it next reports it CANCELED (FAILED to quiz_archiver) to Moodle instead of
+#: running it, so that only workers ever talk to Moodle.
+CANCEL_REQUESTED = "cancel_requested"
+
+
+def cancel_request(job_id: str, flavour: str, moodle: MoodleRef | None) -> StatusEvent:
+    """The event that asks the next worker to cancel a queued job."""
+    return StatusEvent(
+        job_id=job_id,
+        flavour=flavour,
+        status=JobStatus.AWAITING_PROCESSING,
+        stage=Stage.QUEUED,
+        error_code=CANCEL_REQUESTED,
+        error="cancel requested by an operator",
+        moodle=moodle,
+    )
+
+
+def is_cancel_request(event: StatusEvent) -> bool:
+    """True for the event :func:`cancel_request` makes."""
+    return event.error_code == CANCEL_REQUESTED and not event.status.is_terminal
 
 
 _encoder = msgspec.json.Encoder()

@@ -47,8 +47,9 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
+from opentelemetry.trace import SpanKind
 
-from . import __version__
+from . import __version__, telemetry
 from .config import Settings
 from .errors import (
     ArchiveError,
@@ -941,9 +942,22 @@ class MoodleClient:
         log.debug("moodle.call wsfunction=%s item=%s", wsfunction, item)
         started = time.monotonic()
         try:
-            data = await self._request(
-                wsfunction, params, stage, item, quirk=quirk, long_running=long_running
-            )
+            # The span names the function, never the URL: its query has the token.
+            with telemetry.span(
+                "moodle.call",
+                kind=SpanKind.CLIENT,
+                wsfunction=wsfunction,
+                stage=stage,
+                item=item,
+            ):
+                data = await self._request(
+                    wsfunction,
+                    params,
+                    stage,
+                    item,
+                    quirk=quirk,
+                    long_running=long_running,
+                )
         except MoodleError as exc:
             log.warning(
                 "moodle.call.failed wsfunction=%s stage=%s item=%s error=%s",

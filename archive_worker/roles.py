@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from .broker import Broker, open_broker
 from .config import Settings
+from .telemetry import Telemetry, setup_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,14 @@ async def run_roles(
     Returns when ``stop`` is set and every role has shut down; if one role
     fails, the others are stopped and the error propagates.
     """
-    async with open_broker(
-        settings, name=f"archive-worker {'+'.join(roles)}"
-    ) as broker:
+    telemetry = setup_telemetry(settings, role="+".join(roles))
+    async with (
+        _telemetry_running(telemetry),
+        open_broker(settings, name=f"archive-worker {'+'.join(roles)}") as broker,
+    ):
         ready = [asyncio.Event() for _ in roles]
         coros = [
-            _role(name, settings, broker, stop, ev)
+            _role(name, settings, broker, stop, ev, telemetry)
             for name, ev in zip(roles, ready, strict=True)
         ]
         tasks = [asyncio.create_task(c) for c in coros]
@@ -66,6 +69,16 @@ async def run_roles(
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def _telemetry_running(telemetry: Telemetry) -> AsyncIterator[None]:
+    """One telemetry per process, shared by its roles; flushed on the way out."""
+    try:
+        await telemetry.serve_metrics()
+        yield
+    finally:
+        await telemetry.shutdown()
 
 
 async def _when_ready(
@@ -83,14 +96,17 @@ async def _role(
     broker: Broker,
     stop: asyncio.Event,
     ready: asyncio.Event,
+    telemetry: Telemetry,
 ) -> None:
     if name == "bridge":
         from bridge.server import run_bridge
 
-        await run_bridge(settings, broker, stop=stop, ready=ready)
+        await run_bridge(settings, broker, stop=stop, ready=ready, telemetry=telemetry)
     elif name == "worker":
         from worker.service import run_worker
 
-        await run_worker(settings, broker, stop=stop, started=ready)
+        await run_worker(
+            settings, broker, stop=stop, started=ready, telemetry=telemetry
+        )
     else:
         raise ValueError(f"unknown role {name!r}")

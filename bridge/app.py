@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from opentelemetry.trace import SpanKind
 
 from archive_worker import __version__
 from archive_worker import constants as c
@@ -35,6 +36,7 @@ from archive_worker.config import Settings
 from archive_worker.errors import BrokerError, QueueFull
 from archive_worker.events import Stage, StatusEvent
 from archive_worker.jobs import Flavour, JobSpec, JobStatus, job_identity
+from archive_worker.telemetry import Telemetry
 
 from .openapi import OPENAPI
 from .probe import open_probe_session, probe_failed_message, probe_moodle
@@ -123,18 +125,22 @@ def route_prefix(path_prefix: str | None) -> str:
     return "/" + path_prefix.strip("/") if path_prefix else ""
 
 
-def create_app(settings: Settings, broker: Broker) -> web.Application:
+def create_app(
+    settings: Settings, broker: Broker, telemetry: Telemetry | None = None
+) -> web.Application:
     """Build the bridge application.
 
     Args:
         settings: the service settings (limits, prefix, allow-list, probe).
         broker: a connected broker; the app does not close it.
+        telemetry: the process's telemetry (spans of POSTs, ``/metrics``);
+            none records nothing.
 
     Returns:
         The application.  Its startup opens one HTTP session for the Moodle
         probes, its cleanup closes it.
     """
-    bridge = _Bridge(settings, broker)
+    bridge = _Bridge(settings, broker, telemetry or Telemetry.disabled())
     app = web.Application(
         client_max_size=settings.max_request_bytes,
         middlewares=[_error_middleware(settings)],
@@ -149,6 +155,7 @@ def create_app(settings: Settings, broker: Broker) -> web.Application:
         web.get(prefix + "/healthz", bridge.healthz, name="healthz"),
         web.get(prefix + "/readyz", bridge.readyz, name="readyz"),
         web.get(prefix + "/openapi.json", bridge.openapi, name="openapi"),
+        web.get(prefix + "/metrics", bridge.telemetry.metrics_handler, name="metrics"),
     ]
     if prefix:
         routes.append(web.get(prefix, bridge.index, name="index_bare"))
@@ -231,9 +238,12 @@ def _http_exception(exc: web.HTTPException, settings: Settings) -> web.StreamRes
 class _Bridge:
     """The handlers, sharing settings, broker and the probe's HTTP session."""
 
-    def __init__(self, settings: Settings, broker: Broker) -> None:
+    def __init__(
+        self, settings: Settings, broker: Broker, telemetry: Telemetry
+    ) -> None:
         self.settings = settings
         self.broker = broker
+        self.telemetry = telemetry
         self._session: aiohttp.ClientSession | None = None
 
     async def http_session(self, app: web.Application) -> AsyncIterator[None]:
@@ -298,19 +308,37 @@ class _Bridge:
         """The POST handler of one flavour."""
 
         async def handle(request: web.Request) -> web.StreamResponse:
-            try:
-                return await self._archive(request, flavour)
-            except (RequestRejected, web.HTTPException) as exc:
-                reason = exc.message if isinstance(exc, RequestRejected) else exc.reason
-                log.warning(
-                    "job.rejected flavour=%s status=%d error=%s",
-                    flavour.value,
-                    exc.status,
-                    reason,
-                )
-                raise
+            # The trace starts here (or continues a caller's traceparent) and
+            # travels to the worker in the job message's headers.
+            with self.telemetry.tracer.start_as_current_span(
+                "http.archive",
+                context=self.telemetry.extract(request.headers),
+                kind=SpanKind.SERVER,
+                attributes={
+                    "flavour": flavour.value,
+                    "http.route": _route_name(request),
+                },
+            ) as span:
+                response = await self._archive_logged(request, flavour)
+                span.set_attribute("http.response.status_code", response.status)
+                return response
 
         return handle
+
+    async def _archive_logged(
+        self, request: web.Request, flavour: Flavour
+    ) -> web.StreamResponse:
+        try:
+            return await self._archive(request, flavour)
+        except (RequestRejected, web.HTTPException) as exc:
+            reason = exc.message if isinstance(exc, RequestRejected) else exc.reason
+            log.warning(
+                "job.rejected flavour=%s status=%d error=%s",
+                flavour.value,
+                exc.status,
+                reason,
+            )
+            raise
 
     async def _archive(self, request: web.Request, flavour: Flavour) -> web.Response:
         spec = await self._read_job(request, flavour)
@@ -376,8 +404,10 @@ class _Bridge:
 
     async def _publish(self, spec: JobSpec) -> None:
         _, msg_id = job_identity(spec.flavour, spec.moodle.base_url, spec.moodle.token)
+        headers: dict[str, str] = {}
+        self.telemetry.inject(headers)
         try:
-            is_new = await self.broker.publish_job(spec, msg_id=msg_id)
+            is_new = await self.broker.publish_job(spec, msg_id=msg_id, headers=headers)
         except QueueFull:
             # Another bridge (or request) took the last place after our check.
             raise self._queue_full() from None

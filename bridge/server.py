@@ -18,6 +18,7 @@ from aiohttp import web
 
 from archive_worker.broker import Broker
 from archive_worker.config import Settings
+from archive_worker.telemetry import Telemetry
 
 from .app import create_app
 
@@ -58,7 +59,7 @@ def bound_port(runner: web.BaseRunner) -> int:
 
 @contextlib.asynccontextmanager
 async def serve_bridge(
-    settings: Settings, broker: Broker
+    settings: Settings, broker: Broker, telemetry: Telemetry | None = None
 ) -> AsyncIterator[BridgeAddress]:
     """Serve the bridge on ``settings.host``/``settings.port`` while inside.
 
@@ -68,7 +69,7 @@ async def serve_bridge(
         and the app's HTTP session is closed.  The broker stays open.
     """
     runner = web.AppRunner(
-        create_app(settings, broker),
+        create_app(settings, broker, telemetry),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=settings.probe_timeout_s + SHUTDOWN_GRACE_S,
@@ -92,6 +93,7 @@ async def run_bridge(
     ready: asyncio.Event | None = None,
     stop: asyncio.Event,
     address: BridgeAddress | None = None,
+    telemetry: Telemetry | None = None,
 ) -> None:
     """Serve the bridge until ``stop`` is set.
 
@@ -103,11 +105,12 @@ async def run_bridge(
         stop: set it to shut down (gracefully, see :func:`serve_bridge`).
         address: if given, filled with the bound host and port before
             ``ready`` is set.
+        telemetry: the process's telemetry, owned by the caller.
 
     Raises:
         OSError: the address cannot be bound.
     """
-    async with serve_bridge(settings, broker) as bound:
+    async with serve_bridge(settings, broker, telemetry) as bound:
         if address is not None:
             address.host, address.port = bound.host, bound.port
         if ready is not None:

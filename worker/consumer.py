@@ -39,12 +39,14 @@ import msgspec
 from archive_worker.broker import Broker
 from archive_worker.config import Settings
 from archive_worker.errors import BrokerError, JobCanceled, JobError, JobTimeout
-from archive_worker.events import Stage
+from archive_worker.events import Stage, is_cancel_request
 from archive_worker.jobqueue import Delivery, JobQueue, subscribe_cancel
 from archive_worker.jobs import JobSpec, JobStatus, decode_job, without_token
-from archive_worker.logs import bind_job
+from archive_worker.logs import bind_job, bound_fields
 from archive_worker.moodle import MoodleClient
+from archive_worker.telemetry import Telemetry, job_trace
 
+from .checkpoint import JobCheckpoints, clear_checkpoints
 from .pipeline import JobRunner
 from .render import Renderer
 from .status import StatusReporter
@@ -99,8 +101,10 @@ class WorkerService:
         *,
         http: aiohttp.ClientSession,
         worker_id: str | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
+        self.telemetry = telemetry or Telemetry.disabled()
         self.broker = broker
         self.renderer = renderer
         self.http = http
@@ -206,13 +210,57 @@ class WorkerService:
             log.error("job.undecodable seq=%d error=%s", delivery.stream_seq, exc)
             await delivery.term()
             return
-        with bind_job(job_id=spec.job_id, flavour=spec.flavour.value):
+        with (
+            job_trace(
+                self.telemetry,
+                delivery.headers,
+                queued_at=delivery.queued_at,
+                delivery=delivery.num_delivered,
+                job_id=spec.job_id,
+                flavour=spec.flavour.value,
+            ) as trace_id,
+            bind_job(job_id=spec.job_id, flavour=spec.flavour.value, trace_id=trace_id),
+        ):
+            if await self._cancel_requested(spec, delivery):
+                return
             last = await self._last_status(spec.job_id)
             if last is not None and last.is_terminal:
                 log.info("job.already_ended status=%s", last)
                 await delivery.ack()
+                await self._clear_checkpoints(spec)
                 return
             await self._run(spec, delivery)
+
+    async def _cancel_requested(self, spec: JobSpec, delivery: Delivery) -> bool:
+        """End a job an operator canceled while it was queued, without work.
+
+        The operator's ``cancel`` only writes a marker event (see
+        ``events.cancel_request``); Moodle hears of the cancellation from
+        here, so that workers remain the only ones talking to Moodle.
+        """
+        try:
+            last = await self.broker.last_event(spec.job_id)
+        except BrokerError:
+            return False
+        if last is None or not is_cancel_request(last):
+            return False
+        moodle = MoodleClient(spec, self.settings, session=self.http)
+        reporter = StatusReporter(
+            spec,
+            moodle,
+            self.broker,
+            worker_id=self.worker_id,
+            delivery=delivery.num_delivered,
+            trace_id=bound_fields().get("trace_id"),
+        )
+        await self._end(
+            delivery,
+            reporter,
+            JobStatus.CANCELED,
+            JobCanceled("canceled by an operator while queued", stage=Stage.QUEUED),
+        )
+
+        return True
 
     async def _last_status(self, job_id: str) -> JobStatus | None:
         try:
@@ -229,6 +277,7 @@ class WorkerService:
             self.broker,
             worker_id=self.worker_id,
             delivery=delivery.num_delivered,
+            trace_id=bound_fields().get("trace_id"),
             interval_s=self.settings.status_interval_s,
         )
         if delivery.num_delivered > self.settings.max_deliver:
@@ -270,6 +319,11 @@ class WorkerService:
                     pages=pages,
                     reporter=reporter,
                     work_dir=work_dir,
+                    checkpoints=JobCheckpoints(
+                        self.broker,
+                        spec.job_id,
+                        resume=delivery.num_delivered > 1,
+                    ),
                 )
                 await runner.run()
         except TimeoutError:
@@ -296,6 +350,8 @@ class WorkerService:
             )
             await delivery.ack()
             self.stats.jobs_done += 1
+            self.telemetry.job_ended(JobStatus.FINISHED, spec.flavour.value)
+            await self._clear_checkpoints(spec)
             log.info("job.finished")
 
     async def _cancelled(
@@ -332,6 +388,7 @@ class WorkerService:
                 self.settings.retry_backoff_max_s,
             )
             self.stats.jobs_retried += 1
+            self.telemetry.job_ended("retried", spec.flavour.value)
             log.warning("job.retry delay_s=%.0f error=%s", delay, exc.describe())
             await reporter.transition(
                 JobStatus.AWAITING_PROCESSING,
@@ -346,7 +403,8 @@ class WorkerService:
     async def _fail(
         self, spec: JobSpec, delivery: Delivery, reporter: StatusReporter, exc: JobError
     ) -> None:
-        await self._end(delivery, reporter, JobStatus.FAILED, exc)
+        # The dead letter is stored before the terminal event goes out, so
+        # whoever sees FAILED can find the dead letter.
         payload = msgspec.json.encode(
             {
                 "job": without_token(spec),
@@ -361,6 +419,7 @@ class WorkerService:
             await self.broker.publish_dead_letter(spec.job_id, payload)
         except BrokerError as err:
             log.warning("dead_letter.lost error=%s", err)
+        await self._end(delivery, reporter, JobStatus.FAILED, exc)
 
     async def _end(
         self,
@@ -370,11 +429,18 @@ class WorkerService:
         exc: JobError,
     ) -> None:
         self.stats.jobs_failed += 1
+        self.telemetry.job_ended(status, reporter.spec.flavour.value)
         log.error("job.%s error=%s", status.value.lower(), exc.describe())
         await reporter.transition(
             status, stage=exc.stage or Stage.START, item=exc.attempt, error=exc
         )
         await delivery.term()
+        await self._clear_checkpoints(reporter.spec)
+
+    async def _clear_checkpoints(self, spec: JobSpec) -> None:
+        """A job that ended needs no checkpoints (see ``worker.checkpoint``)."""
+        item_ids = spec.reports.ids if spec.reports is not None else []
+        await clear_checkpoints(self.broker, spec.job_id, item_ids)
 
     async def _heartbeat(self, delivery: Delivery) -> None:
         interval = self.settings.ack_wait_s / 3

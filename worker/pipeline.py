@@ -27,8 +27,10 @@ from archive_worker.errors import PostprocessError
 from archive_worker.events import Stage
 from archive_worker.jobs import BackupTask, Flavour, JobSpec, JobStatus, ReportTask
 from archive_worker.moodle import MoodleClient, Report
+from archive_worker.telemetry import stage_span
 
 from .archive import BuiltArchive, ReportSlot, Workspace
+from .checkpoint import ItemCheckpoint, JobCheckpoints
 from .pdf import convert_to_pdfa, optimize_images
 from .status import StatusReporter
 
@@ -54,6 +56,8 @@ class JobRunner:
         pages: render session of the job (a fresh browser context).
         reporter: status to Moodle and NATS.
         work_dir: the job's private folder; removed by the caller.
+        checkpoints: where finished items are saved and restored from;
+            None = no checkpoints.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class JobRunner:
         pages: PageRenderer,
         reporter: StatusReporter,
         work_dir: Path,
+        checkpoints: JobCheckpoints | None = None,
     ) -> None:
         self.spec = spec
         self.settings = settings
@@ -72,6 +77,7 @@ class JobRunner:
         self.pages = pages
         self.reporter = reporter
         self.work_dir = work_dir
+        self.checkpoints = checkpoints
         self.workspace = Workspace(work_dir / "content", spec)
         self.items_done = 0
         self._waiting_for_backup = False
@@ -95,11 +101,12 @@ class JobRunner:
             await _gather_first_error(self._backup(b) for b in self.spec.backups)
 
         await self.reporter.transition(JobStatus.FINALIZING, stage=Stage.PACK)
-        archive = await asyncio.to_thread(
-            self.workspace.build,
-            self.work_dir / "out",
-            compression=self.settings.zip_compression,
-        )
+        with stage_span(Stage.PACK):
+            archive = await asyncio.to_thread(
+                self.workspace.build,
+                self.work_dir / "out",
+                compression=self.settings.zip_compression,
+            )
         log.info(
             "archive.built members=%d bytes=%d sha256=%s",
             len(archive.members),
@@ -110,7 +117,8 @@ class JobRunner:
         await self.reporter.transition(
             JobStatus.FINALIZING, stage=Stage.UPLOAD, to_moodle=False
         )
-        await self.moodle.upload_archive(archive.path, sha256=archive.sha256)
+        with stage_span(Stage.UPLOAD, bytes=archive.size):
+            await self.moodle.upload_archive(archive.path, sha256=archive.sha256)
         log.info(
             "job.uploaded items=%d bytes=%d seconds=%.1f",
             self.items_done,
@@ -129,12 +137,20 @@ class JobRunner:
             for item_id in task.ids:
                 await slots.acquire()
                 _raise_first_failure(running)
-                report = await self.moodle.generate_report(item_id)
+                # A checkpointed item skips the report call and the render;
+                # it is still added here, in report order, so that folder
+                # collisions resolve as they did the first time.
+                saved = await self._restore(item_id)
+                if saved is not None:
+                    report = saved.report()
+                else:
+                    with stage_span(Stage.REPORT, item=item_id):
+                        report = await self.moodle.generate_report(item_id)
                 slot = self.workspace.add_report(
                     item_id, report.foldername, report.filename
                 )
                 running.append(
-                    asyncio.create_task(self._item(report, slot, task, slots))
+                    asyncio.create_task(self._item(report, slot, task, slots, saved))
                 )
             await _gather_first_error(running)
         finally:
@@ -148,26 +164,41 @@ class JobRunner:
         slot: ReportSlot,
         task: ReportTask,
         slots: asyncio.Semaphore,
+        saved: ItemCheckpoint | None = None,
     ) -> None:
         try:
-            if task.keep_html_files:
-                await asyncio.to_thread(
-                    slot.html.write_text, report.html, encoding="utf-8"
-                )
-            await self.pages.render(
-                report.html,
-                slot.pdf,
-                paper_format=task.paper_format,
-                item=report.item_id,
-            )
-            await self._postprocess(slot, task)
+            if saved is not None:
+                html = slot.html if task.keep_html_files else None
+                await asyncio.to_thread(saved.write, slot.pdf, html)
+            else:
+                if task.keep_html_files:
+                    await asyncio.to_thread(
+                        slot.html.write_text, report.html, encoding="utf-8"
+                    )
+                with stage_span(Stage.RENDER, item=report.item_id):
+                    await self.pages.render(
+                        report.html,
+                        slot.pdf,
+                        paper_format=task.paper_format,
+                        item=report.item_id,
+                    )
+                await self._postprocess(slot, task)
             await self._attachments(report, slot, task)
         finally:
             slots.release()
+        if saved is None and self.checkpoints is not None:
+            await self.checkpoints.save(
+                report, slot.pdf, keep_html=task.keep_html_files
+            )
         self.items_done += 1
         await self.reporter.progress_step(
             self.items_done, len(task.ids), stage=Stage.RENDER, item=report.item_id
         )
+
+    async def _restore(self, item_id: int) -> ItemCheckpoint | None:
+        if self.checkpoints is None:
+            return None
+        return await self.checkpoints.load(item_id)
 
     async def _postprocess(self, slot: ReportSlot, task: ReportTask) -> None:
         try:
@@ -192,7 +223,8 @@ class JobRunner:
             await self.moodle.download_attachment(attachment, target)
 
     async def _metadata(self, task: ReportTask) -> None:
-        rows = await self.moodle.get_metadata(task.ids)
+        with stage_span(Stage.METADATA):
+            rows = await self.moodle.get_metadata(task.ids)
         await asyncio.to_thread(self.workspace.write_metadata, rows)
 
     # --- backups ----------------------------------------------------------------
@@ -208,7 +240,8 @@ class JobRunner:
             # Polling Moodle is the only way to learn about the backup.
             await asyncio.sleep(self.settings.backup_poll_s)
         target = self.workspace.backup_path(backup.filename)
-        size = await self.moodle.download_backup(backup, target)
+        with stage_span(Stage.BACKUP, backupid=backup.backupid):
+            size = await self.moodle.download_backup(backup, target)
         log.info("backup.downloaded filename=%s bytes=%d", backup.filename, size)
 
 
