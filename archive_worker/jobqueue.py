@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
 
 from . import constants as c
 from .broker import Broker
@@ -57,6 +58,18 @@ class Delivery:
     def job_id(self) -> str:
         """The job id from the message header ('' if missing)."""
         return self.headers.get(c.JOB_ID_HEADER, "")
+
+    def adopt(self, newer: Delivery) -> None:
+        """Continue under a redelivery of the same message.
+
+        When a lease runs out while this worker still works on the job (NATS
+        was away longer than the ack wait), JetStream hands the message out
+        again, possibly to this very worker.  The running job then carries
+        on under the new delivery: its acks and lease renewals go to the new
+        reply subject, and no second run starts.
+        """
+        self._msg = newer._msg
+        self.num_delivered = newer.num_delivered
 
     async def extend(self) -> None:
         """Renew the lease (``+WPI``); errors are logged, not raised."""
@@ -118,7 +131,7 @@ class JobQueue:
 
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
-        self._sub: object | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
 
     async def open(self) -> None:
         """Bind to the durable consumer (created by ``ensure_topology``)."""
@@ -136,7 +149,7 @@ class JobQueue:
         """
         assert self._sub is not None, "open() first"
         try:
-            msgs = await self._sub.fetch(batch=count, timeout=timeout_s)  # type: ignore[attr-defined]
+            msgs = await self._sub.fetch(batch=count, timeout=timeout_s)
         except (NatsTimeoutError, TimeoutError):
             return []
         except NatsError as exc:
@@ -148,7 +161,7 @@ class JobQueue:
         """Stop the pull subscription."""
         if self._sub is not None:
             try:
-                await self._sub.unsubscribe()  # type: ignore[attr-defined]
+                await self._sub.unsubscribe()
             except (NatsError, TimeoutError) as exc:
                 log.debug("jobqueue.unsubscribe_failed error=%s", exc)
             self._sub = None

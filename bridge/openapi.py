@@ -69,7 +69,10 @@ _IMAGE_OPTIMIZE = {
 
 _PAPER_FORMAT = {
     "type": "string",
-    "description": "Case-insensitive; both Moodle's (Letter) and the old worker's (LETTER) spelling.",
+    "description": (
+        "Case-insensitive; both Moodle's (Letter) and the old worker's "
+        "(LETTER) spelling."
+    ),
     "enum": list(PAPER_FORMATS),
 }
 
@@ -165,7 +168,10 @@ _QUIZ_ARCHIVER_REQUEST = {
                         "sections": {
                             "type": "object",
                             "minProperties": 1,
-                            "description": 'Forwarded to Moodle unchanged; attachments are fetched when sections.attachments is the string "1".',
+                            "description": (
+                                "Forwarded to Moodle unchanged; attachments are "
+                                'fetched when sections.attachments is the string "1".'
+                            ),
                             "additionalProperties": {
                                 "oneOf": [_STRING, {"type": "integer"}, _BOOL]
                             },

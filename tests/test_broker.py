@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -97,7 +98,7 @@ class TestJobs:
 
 
 class TestEmbeddedNats:
-    async def test_keeps_data_across_restart(self, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async def test_keeps_data_across_restart(self, tmp_path: Path) -> None:
         """Jobs queued before a restart of the embedded server are still there."""
         from archive_worker.config import load_settings
 

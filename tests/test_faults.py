@@ -32,6 +32,7 @@ from archive_worker.jobs import JobStatus
 from archive_worker.moodle_sim import MoodleSimulator
 from archive_worker.moodle_sim.model import SimJob
 from archive_worker.ops import fleet
+from tests.natscluster import wait_until
 from tests.procs import (
     free_port,
     many_item_job,
@@ -310,6 +311,59 @@ class TestNatsRestarted:
         assert final.status is JobStatus.FINISHED
         assert status == {"id": job_id, "status": "FINISHED"}
         assert jobs_left == 0
+
+
+class TestLeaseLost:
+    async def test_redelivery_to_the_running_worker_is_adopted(
+        self,
+        make_settings: Callable[..., Settings],
+        moodle: MoodleSimulator,
+        tmp_path: Path,
+    ) -> None:
+        """A lease lost while NATS was away: the running worker keeps one run."""
+        server = EmbeddedNats(tmp_path / "nats-lease", port=free_port())
+        await server.start()
+        job, body = many_item_job(moodle, token="lease-token", count=2)
+        release = moodle.hang(REPORT_CALL, times=None)
+        # A lease shorter than the outage below, and a free slot for the
+        # redelivery to land in.
+        settings = make_settings(nats_url=server.url, ack_wait_s=0.5, job_slots=2)
+        try:
+            async with dev_stack(settings, moodle=moodle) as stack:
+                job_id = await stack.submit("quiz_archiver", body)
+                await wait_for_event(
+                    stack.broker,
+                    job_id,
+                    lambda e: e.status is JobStatus.RUNNING,
+                    timeout_s=30,
+                )
+                server.kill()
+                await server.stop()
+                await server.start()
+                await wait_until(
+                    lambda: redelivered(stack.broker),
+                    timeout_s=30,
+                    what="redelivery of the running job",
+                )
+                release.set()
+                await wait_done(job, timeout_s=60)
+                final = await wait_for_event(
+                    stack.broker, job_id, lambda e: e.status.is_terminal, timeout_s=30
+                )
+        finally:
+            await server.stop()
+
+        assert final.status is JobStatus.FINISHED
+        assert job.state == "FINISHED"
+        assert len(job.uploads) == 1
+        # One run: Moodle heard RUNNING with progress 0 once.
+        assert job.progress.count(0) == 1
+
+
+async def redelivered(broker: Broker) -> bool:
+    """True once the workers' consumer has redelivered a message."""
+    info = await broker.js.consumer_info(c.JOBS_STREAM, c.WORKERS_CONSUMER)
+    return bool(info.num_redelivered)
 
 
 class TestMoodleFaults:

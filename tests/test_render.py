@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,15 +149,15 @@ async def site() -> AsyncIterator[Site]:
 
 
 @pytest.fixture
-def tune(renderer: Renderer, monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+def tune(renderer: Renderer) -> Iterator[Callable[..., None]]:
     """Change the shared renderer's settings for sessions opened in one test."""
+    original = renderer.settings
 
     def apply(**changes: object) -> None:
-        monkeypatch.setattr(
-            renderer, "settings", msgspec.structs.replace(renderer.settings, **changes)
-        )
+        renderer.settings = msgspec.structs.replace(original, **changes)
 
-    return apply
+    yield apply
+    renderer.settings = original
 
 
 def log_event(caplog: pytest.LogCaptureFixture, event: str) -> list[str]:

@@ -168,6 +168,17 @@ class WorkerService:
 
     def _start(self, delivery: Delivery) -> None:
         key = delivery.job_id or f"seq-{delivery.stream_seq}"
+        running = self._running.get(key)
+        if running is not None:
+            # Our own job, redelivered after its lease ran out: keep the one
+            # run going under the new delivery instead of starting another.
+            log.warning(
+                "job.redelivered_while_running job_id=%s delivery=%d",
+                key,
+                delivery.num_delivered,
+            )
+            running.delivery.adopt(delivery)
+            return
         task = asyncio.create_task(self._handle(delivery), name=f"job-{key}")
         self._running[key] = _Running(delivery, task)
 

@@ -38,8 +38,8 @@ async def run_worker(
     convert must not take jobs), then starts Chromium and the consumer loop.
 
     ``telemetry`` is the process's (see ``archive_worker.telemetry``), owned
-    by the caller; without one nothing is recorded.  The worker registers in the registry (``worker.registry``) while
-    it takes jobs.
+    by the caller; without one nothing is recorded.  The worker registers in
+    the registry (``worker.registry``) while it takes jobs.
 
     Raises:
         ConfigError: PDF/A is on and Ghostscript is missing or unusable.

@@ -114,7 +114,10 @@ async def _nats(
         CheckResult(
             name="queue_age",
             level=WARNING if oldest is not None and oldest > max_age_s else OK,
-            detail=f"oldest waiting job {age(oldest)} (limit {age(max_age_s)}), {len(state.waiting)} waiting",
+            detail=(
+                f"oldest waiting job {age(oldest)} (limit {age(max_age_s)}), "
+                f"{len(state.waiting)} waiting"
+            ),
         )
     )
     out.append(

@@ -90,7 +90,9 @@ async def retry_letter(
             "it once told FAILED; pass the job's token with --token if Moodle "
             "still has it, or start the archive job again in Moodle"
         )
-    job = {**letter.job, "moodle": {**letter.job.get("moodle", {}), "token": token}}  # type: ignore[dict-item]
+    stored = letter.job.get("moodle")
+    moodle = {**(stored if isinstance(stored, dict) else {}), "token": token}
+    job = {**letter.job, "moodle": moodle}
     try:
         spec = msgspec.convert(job, JobSpec)
     except msgspec.ValidationError as exc:

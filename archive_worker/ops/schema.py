@@ -70,10 +70,15 @@ def asyncapi() -> dict[str, Any]:
         "channels": {
             "jobStatus": {
                 "address": f"{c.STATUS_SUBJECT_PREFIX}.{{jobId}}",
-                "description": f"Every status change and progress step of one job; stored in {c.STATUS_STREAM}.",
+                "description": (
+                    "Every status change and progress step of one job; "
+                    f"stored in {c.STATUS_STREAM}."
+                ),
                 "parameters": {
                     "jobId": {
-                        "description": "The job id the bridge returned to Moodle (a UUID)."
+                        "description": (
+                            "The job id the bridge returned to Moodle (a UUID)."
+                        )
                     }
                 },
                 "messages": {
@@ -82,10 +87,16 @@ def asyncapi() -> dict[str, Any]:
             },
             "workerStats": {
                 "address": f"{c.CONTROL_SUBJECT_PREFIX}.workers.{{workerId}}",
-                "description": f"Request/reply: a worker's registry entry (also in $SRV.STATS.{c.MICRO_SERVICE_NAME}).",
+                "description": (
+                    "Request/reply: a worker's registry entry "
+                    f"(also in $SRV.STATS.{c.MICRO_SERVICE_NAME})."
+                ),
                 "parameters": {
                     "workerId": {
-                        "description": "Worker id with characters other than A-Z, a-z, 0-9, _ and - replaced by _."
+                        "description": (
+                            "Worker id with characters other than A-Z, a-z, "
+                            "0-9, _ and - replaced by _."
+                        )
                     }
                 },
                 "messages": {
@@ -97,7 +108,10 @@ def asyncapi() -> dict[str, Any]:
             "receiveJobStatus": {
                 "action": "receive",
                 "channel": {"$ref": "#/channels/jobStatus"},
-                "summary": f"Subscribe to {c.STATUS_SUBJECTS} (core NATS or a JetStream consumer on {c.STATUS_STREAM}).",
+                "summary": (
+                    f"Subscribe to {c.STATUS_SUBJECTS} (core NATS or a "
+                    f"JetStream consumer on {c.STATUS_STREAM})."
+                ),
             },
             "requestWorkerStats": {
                 "action": "send",
