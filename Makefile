@@ -29,7 +29,8 @@ unit: install system-deps
 
 ## bench: the benchmarks (not part of the tests)
 bench: install system-deps
-	$(BIN)/python -m benchmarks
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 install: $(STAMP)
 
