@@ -53,6 +53,9 @@ _ERR_WRONG_LAST_SEQ = 10071
 _EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 #: A job message is small (a few KiB); this bounds the stream's bytes too.
 _MAX_JOB_MSG_BYTES = 1_048_576
+#: Longest a closing connection waits for its subscriptions to drain
+#: (nats-py's default is 30 s, which a shutdown should not spend).
+_DRAIN_TIMEOUT_S = 5
 #: Timeout of JetStream API requests.
 _API_TIMEOUT_S = 5.0
 #: How long a publish keeps trying while its stream has no leader.  In a
@@ -65,6 +68,7 @@ _PUBLISH_PAUSE_S = 0.25
 _PUBLISH_PAUSE_MAX_S = 2.0
 #: What a publish sees while its stream elects a leader.
 _ELECTION_ERRORS = (NoStreamResponseError, ServiceUnavailableError, TimeoutError)
+_LIMIT_ERRORS = frozenset({_ERR_MAX_MSGS, _ERR_MAX_BYTES})
 #: The stream behind the checkpoint object store (nats-py's naming).
 _CHECKPOINT_STREAM = OBJ_STREAM_TEMPLATE.format(bucket=c.CHECKPOINT_BUCKET)
 
@@ -143,6 +147,7 @@ class Broker:
                 connect_timeout=max(1, round(settings.nats_connect_timeout_s)),
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
+                drain_timeout=_DRAIN_TIMEOUT_S,
                 reconnect_time_wait=1,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
@@ -166,9 +171,15 @@ class Broker:
 
     async def close(self) -> None:
         """Flush and close the connection."""
-        if not self.nc.is_closed:
+        if self.nc.is_closed:
+            return
+        try:
+            await self.nc.drain()
+        except (NatsError, TimeoutError) as exc:
+            # A subscription that cannot drain must not hold up shutdown.
+            log.warning("nats.drain_failed error=%s", exc)
             with contextlib.suppress(NatsError, TimeoutError):
-                await self.nc.drain()
+                await self.nc.close()
 
     # --- topology -------------------------------------------------------------
 
@@ -524,7 +535,9 @@ class Broker:
                     subject, payload, stream=stream, headers=dict(headers)
                 )
             except _ELECTION_ERRORS as exc:
-                if loop.time() + pause > deadline:
+                # A full stream also answers 503: that is final, not an election.
+                full = isinstance(exc, APIError) and exc.err_code in _LIMIT_ERRORS
+                if full or loop.time() + pause > deadline:
                     raise
                 log.warning(
                     "publish.retry subject=%s attempt=%d error=%s",
