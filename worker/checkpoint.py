@@ -190,8 +190,9 @@ class JobCheckpoints:
             ],
         )
         name = checkpoint_name(self.job_id, report.item_id)
+        payload = await asyncio.to_thread(_encoder.encode, saved)
         try:
-            await self._store.put_checkpoint(name, _encoder.encode(saved))
+            await self._store.put_checkpoint(name, payload)
         except BrokerError as exc:
             log.warning("checkpoint.not_saved item=%d error=%s", report.item_id, exc)
             return
