@@ -230,3 +230,20 @@ class TestCheck:
         levels = {c["name"]: c["level"] for c in report["checks"]}
         assert levels["chromium"] == "critical"
         assert levels["nats"] == "ok"
+
+    async def test_warning_and_critical_only(
+        self, nats_server: EmbeddedNats, broker: Any
+    ) -> None:
+        """A waiting job with no worker warns (exit 1); --critical-only says 0."""
+        from tests.test_broker import _publish
+
+        assert nats_server.url is not None
+        await _publish(broker, "waiting-token")
+        argv = ["check", "--json", "--skip-browser", "--nats-url", nats_server.url]
+        warned = await asyncio.to_thread(CliRunner().invoke, app, argv)
+        relaxed = await asyncio.to_thread(
+            CliRunner().invoke, app, [*argv, "--critical-only"]
+        )
+        assert warned.exit_code == 1, warned.output
+        assert json.loads(warned.stdout)["level"] == "warning"
+        assert relaxed.exit_code == 0, relaxed.output

@@ -222,6 +222,14 @@ def check(
             "--skip-browser", help="Do not launch Chromium (bridge-only hosts)."
         ),
     ] = False,
+    critical_only: Annotated[
+        bool,
+        typer.Option(
+            "--critical-only",
+            help="Exit 0 on warnings (liveness probes: a backlog is no reason "
+            "to restart a worker).",
+        ),
+    ] = False,
     config: ConfigOpt = None,
     nats_url: NatsOpt = None,
     as_json: JsonOpt = False,
@@ -238,7 +246,8 @@ def check(
         )
     )
     emit(report, as_json, lambda out: check_mod.render_check(report, out))
-    raise typer.Exit(report.exit_code)
+    code = report.exit_code
+    raise typer.Exit(0 if critical_only and code == 1 else code)
 
 
 def show_schema(
