@@ -27,8 +27,21 @@ READY_TIMEOUT_S = 30.0
 #: How long it may take to stop cleanly before it is killed.
 STOP_TIMEOUT_S = 10.0
 
+#: File in the data folder that names the running server's client URL, so
+#: that operator commands find a server started on an OS-assigned port.
+URL_FILE = "client.url"
+
 _LISTEN_RE = re.compile(rb"Listening for client connections on ([\d.]+):(\d+)")
 _READY = b"Server is ready"
+
+
+def running_url(data_dir: str | Path) -> str | None:
+    """The URL an embedded server on ``data_dir`` announced, if one runs."""
+    try:
+        text = (Path(data_dir) / URL_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return text or None
 
 
 def find_nats_server() -> str:
@@ -120,6 +133,7 @@ class EmbeddedNats:
             ) from exc
         assert self._proc.stderr is not None
         self._log_task = asyncio.create_task(self._forward_log(self._proc.stderr))
+        (self.data_dir / URL_FILE).write_text(self.url + "\n", encoding="utf-8")
         log.info("embedded_nats.started url=%s data_dir=%s", self.url, self.data_dir)
 
         return self.url
@@ -156,6 +170,7 @@ class EmbeddedNats:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        (self.data_dir / URL_FILE).unlink(missing_ok=True)
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -156,6 +156,19 @@ class TestFollowEvents:
         assert last.status is JobStatus.RUNNING
 
 
+class TestAnnouncedUrl:
+    async def test_embedded_server_announces_its_url(
+        self, tmp_path: Path, make_settings: Callable[..., Settings]
+    ) -> None:
+        """An embedded server on a free port is found by operator commands."""
+        from archive_worker.ops.natsio import ops_url
+
+        settings = make_settings(embedded_nats_port=0)
+        async with EmbeddedNats(f"{settings.data_dir}/nats", port=0) as server:
+            assert ops_url(settings) == server.url
+        assert ops_url(settings) == "nats://127.0.0.1:0"
+
+
 class TestOpenBroker:
     async def test_shares_a_running_embedded_server(
         self, nats_server: EmbeddedNats, make_settings: Callable[..., Settings]

@@ -33,6 +33,7 @@ from nats.js.errors import NotFoundError
 from archive_worker import constants as c
 from archive_worker.broker import Broker, _ssl_context
 from archive_worker.config import Settings
+from archive_worker.embedded import running_url
 from archive_worker.errors import BrokerError, BrokerUnavailable
 
 #: Subjects one ``multi_last`` request may return; nats-server caps a direct
@@ -59,10 +60,14 @@ def ops_url(settings: Settings) -> str:
     """The NATS URL operator commands use.
 
     Without a configured URL the service runs an embedded server inside the
-    ``up`` process on ``embedded_nats_port``; the commands connect to that
-    one and never start a server of their own.
+    ``up`` process; the commands connect to that one (the URL it announced
+    in the data folder, else ``embedded_nats_port`` on loopback) and never
+    start a server of their own.
     """
-    return settings.nats_url or f"nats://127.0.0.1:{settings.embedded_nats_port}"
+    if settings.nats_url:
+        return settings.nats_url
+    announced = running_url(f"{settings.data_dir}/nats")
+    return announced or f"nats://127.0.0.1:{settings.embedded_nats_port}"
 
 
 @contextlib.asynccontextmanager
