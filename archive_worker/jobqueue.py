@@ -179,6 +179,11 @@ async def subscribe_cancel(
             await msg.respond(b"ok")
 
     try:
-        return await broker.nc.subscribe(f"{c.CANCEL_SUBJECT_PREFIX}.*", cb=on_msg)
+        sub = await broker.nc.subscribe(f"{c.CANCEL_SUBJECT_PREFIX}.*", cb=on_msg)
+        # Once this returns, the server knows the subscription: a cancel
+        # request sent right after must find it.
+        await broker.nc.flush()
     except (NatsError, TimeoutError) as exc:
         raise BrokerUnavailable(f"cannot subscribe to cancel requests: {exc}") from exc
+
+    return sub
