@@ -375,6 +375,7 @@ class TestRolePermissions:
         service = await add_service(
             worker.nc, name=c.MICRO_SERVICE_NAME, version="0.1.0"
         )
+        await worker.nc.flush()  # the service's subscriptions reach the server
         try:
             assert await cli.request_cancel("job-1")
             assert canceled == ["job-1"]

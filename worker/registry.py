@@ -85,6 +85,7 @@ async def register_worker(
         await service.add_endpoint(
             name="stats", subject=registry_subject(first.worker_id), handler=on_request
         )
+        await broker.nc.flush()  # registered means the server knows it
     except (NatsError, TimeoutError) as exc:
         raise BrokerUnavailable(f"cannot register the worker: {exc}") from exc
     log.info(
