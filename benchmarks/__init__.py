@@ -5,5 +5,5 @@ Scenarios (one module each): ``render`` (pipeline vs bare Playwright print),
 ``admission`` (the bridge under 50 concurrent clients and at the queue
 limit), ``scale`` (two worker processes vs one; NATS cost per job) and
 ``profile`` (py-spy on a worker during a 50-attempt job).  See
-``docs/benchmarks.md`` for the method and the figures.
+the README section "Benchmarks" for the method and the figures.
 """
