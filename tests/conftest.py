@@ -15,6 +15,7 @@ import pytest
 
 from archive_worker.broker import Broker
 from archive_worker.config import Settings, load_settings
+from archive_worker.devstack import DevStack, dev_stack
 from archive_worker.embedded import EmbeddedNats
 from archive_worker.moodle_sim import MoodleSimulator
 
@@ -90,6 +91,34 @@ async def moodle() -> AsyncIterator[MoodleSimulator]:
     """The Moodle simulator on a loopback port."""
     async with MoodleSimulator() as sim:
         yield sim
+
+
+@pytest.fixture
+def stack_settings(
+    nats_server: EmbeddedNats, make_settings: Callable[..., Settings]
+) -> Callable[..., Settings]:
+    """Settings for a whole stack on the test's nats-server, fast retries."""
+
+    def factory(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "nats_url": nats_server.url,
+            "retry_backoff_s": 0.2,
+            "retry_backoff_max_s": 0.5,
+            "ready_signal_timeout_s": 10,
+        }
+        values.update(overrides)
+        return make_settings(**values)
+
+    return factory
+
+
+@pytest.fixture
+async def stack(
+    stack_settings: Callable[..., Settings], moodle: MoodleSimulator
+) -> AsyncIterator[DevStack]:
+    """Bridge, worker and NATS in this process, next to the Moodle simulator."""
+    async with dev_stack(stack_settings(), moodle=moodle) as s:
+        yield s
 
 
 @pytest.fixture

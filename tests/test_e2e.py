@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pypdf
@@ -19,7 +19,6 @@ import pytest
 
 from archive_worker.config import Settings
 from archive_worker.devstack import DevStack, dev_stack
-from archive_worker.embedded import EmbeddedNats
 from archive_worker.events import StatusEvent
 from archive_worker.jobs import JobStatus
 from archive_worker.moodle_sim import MoodleSimulator
@@ -36,34 +35,6 @@ ATTEMPT_TEXT = {
     24: "anonfirstname4 anonlastname4",
     25: "anonfirstname2 anonlastname2",
 }
-
-
-@pytest.fixture
-def e2e_settings(
-    nats_server: EmbeddedNats, make_settings: Callable[..., Settings]
-) -> Callable[..., Settings]:
-    """Settings for a stack on the test's nats-server."""
-
-    def factory(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "nats_url": nats_server.url,
-            "retry_backoff_s": 0.2,
-            "retry_backoff_max_s": 0.5,
-            "ready_signal_timeout_s": 10,
-        }
-        values.update(overrides)
-        return make_settings(**values)
-
-    return factory
-
-
-@pytest.fixture
-async def stack(
-    e2e_settings: Callable[..., Settings], moodle: MoodleSimulator
-) -> AsyncIterator[DevStack]:
-    """The whole service with default test settings."""
-    async with dev_stack(e2e_settings(), moodle=moodle) as s:
-        yield s
 
 
 async def run_job(
@@ -269,13 +240,13 @@ class TestArchivingmodAssign:
 
 class TestFailures:
     async def test_moodle_down_mid_job(
-        self, e2e_settings: Callable[..., Settings], moodle: MoodleSimulator
+        self, stack_settings: Callable[..., Settings], moodle: MoodleSimulator
     ) -> None:
         """Moodle going away mid-job: retried with backoff, then FINISHED once."""
         job, body = reference_quiz(moodle, attempt_ids=[24, 25], backups=False)
         events: list[StatusEvent] = []
         taken_down = False
-        async with dev_stack(e2e_settings(), moodle=moodle) as stack:
+        async with dev_stack(stack_settings(), moodle=moodle) as stack:
             job_id = await stack.submit("quiz_archiver", body)
             async with stack.broker.follow_events(job_id) as stream:
                 async for event in stream:
@@ -302,13 +273,13 @@ class TestFailures:
         }
 
     async def test_report_never_ready(
-        self, e2e_settings: Callable[..., Settings], moodle: MoodleSimulator
+        self, stack_settings: Callable[..., Settings], moodle: MoodleSimulator
     ) -> None:
         """A page whose MathJax never finishes fails the job, naming the attempt."""
         job, body = reference_quiz(moodle, attempt_ids=[24], backups=False)
         job.items[24].html = NEVER_READY_PAGE
         async with dev_stack(
-            e2e_settings(ready_signal_timeout_s=1), moodle=moodle
+            stack_settings(ready_signal_timeout_s=1), moodle=moodle
         ) as s:
             events = await run_job(s, "quiz_archiver", body)
         end = events[-1]
@@ -320,13 +291,15 @@ class TestFailures:
         assert job.archive_path is None
 
     async def test_download_over_limit(
-        self, e2e_settings: Callable[..., Settings], moodle: MoodleSimulator
+        self, stack_settings: Callable[..., Settings], moodle: MoodleSimulator
     ) -> None:
         """An attachment over the size limit fails the job without an upload."""
         job, body = reference_quiz(
             moodle, attempt_ids=[24], backups=False, attachments=True
         )
-        async with dev_stack(e2e_settings(attachment_max_bytes=50), moodle=moodle) as s:
+        async with dev_stack(
+            stack_settings(attachment_max_bytes=50), moodle=moodle
+        ) as s:
             events = await run_job(s, "quiz_archiver", body)
         assert events[-1].status is JobStatus.FAILED
         assert events[-1].error_code == "download_too_large"
@@ -362,12 +335,12 @@ class TestFailures:
         assert job.uploads == []
 
     async def test_job_time_limit(
-        self, e2e_settings: Callable[..., Settings], moodle: MoodleSimulator
+        self, stack_settings: Callable[..., Settings], moodle: MoodleSimulator
     ) -> None:
         """A job past its time limit ends as TIMEOUT, frees its slot, uploads nothing."""
         job, body = reference_quiz(moodle, attempt_ids=[24], backups=False)
         release = moodle.hang("quiz_archiver_generate_attempt_report", times=None)
-        async with dev_stack(e2e_settings(job_timeout_s=1.5), moodle=moodle) as s:
+        async with dev_stack(stack_settings(job_timeout_s=1.5), moodle=moodle) as s:
             events = await run_job(s, "quiz_archiver", body)
             release.set()
             # The slot is free again: a second (empty) job runs to the end.
@@ -393,7 +366,7 @@ NEVER_READY_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8">
 
 class TestPostprocessing:
     async def test_pdfa_and_image_optimisation(
-        self, e2e_settings: Callable[..., Settings], moodle: MoodleSimulator
+        self, stack_settings: Callable[..., Settings], moodle: MoodleSimulator
     ) -> None:
         """With PDF/A on and image_optimize set, archived PDFs claim PDF/A-3b."""
         job, body = reference_quiz(
@@ -404,7 +377,7 @@ class TestPostprocessing:
             "height": 64,
             "quality": 60,
         }
-        async with dev_stack(e2e_settings(pdfa_conversion=True), moodle=moodle) as s:
+        async with dev_stack(stack_settings(pdfa_conversion=True), moodle=moodle) as s:
             await run_job(s, "quiz_archiver", body)
 
         pdf = unpack(job)["attempts/attempt-23/attempt-23.pdf"]
@@ -425,14 +398,14 @@ class TestPostprocessing:
 
 class TestDeliveries:
     async def test_gives_up_after_max_deliveries(
-        self, e2e_settings: Callable[..., Settings], moodle: MoodleSimulator
+        self, stack_settings: Callable[..., Settings], moodle: MoodleSimulator
     ) -> None:
         """Moodle failing every time: retried, then FAILED and a token-free dead letter."""
         job, body = reference_quiz(moodle, attempt_ids=[24], backups=False)
         moodle.fail_next(
             "quiz_archiver_generate_attempt_report", times=None, status=503
         )
-        async with dev_stack(e2e_settings(max_deliver=2), moodle=moodle) as s:
+        async with dev_stack(stack_settings(max_deliver=2), moodle=moodle) as s:
             events = await run_job(s, "quiz_archiver", body)
             job_id = events[0].job_id
             dead = await s.broker.js.get_last_msg(

@@ -10,13 +10,13 @@ the job.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 import signal
 import zipfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pypdf
@@ -67,23 +67,9 @@ def worker_settings(tmp_path: Path, **overrides: object) -> dict[str, object]:
 
 
 @pytest.fixture
-def settings_for(
-    nats_server: EmbeddedNats, make_settings: Callable[..., Settings]
-) -> Callable[..., Settings]:
-    """In-process settings on the test's nats-server."""
-
-    def factory(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "nats_url": nats_server.url,
-            "ack_wait_s": 2,
-            "retry_backoff_s": 0.2,
-            "retry_backoff_max_s": 0.5,
-            "ready_signal_timeout_s": 10,
-        }
-        values.update(overrides)
-        return make_settings(**values)
-
-    return factory
+def settings_for(stack_settings: Callable[..., Settings]) -> Callable[..., Settings]:
+    """Stack settings with a short lease, so redeliveries come quickly."""
+    return functools.partial(stack_settings, ack_wait_s=2)
 
 
 @pytest.fixture

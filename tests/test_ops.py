@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,32 +28,6 @@ from tests.conftest import SECRET_TOKEN
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 REPORT_CALL = "quiz_archiver_generate_attempt_report"
-
-
-@pytest.fixture
-def ops_settings(
-    nats_server: EmbeddedNats, make_settings: Callable[..., Settings]
-) -> Callable[..., Settings]:
-    """Settings for a stack on the test's nats-server."""
-
-    def factory(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "nats_url": nats_server.url,
-            "ready_signal_timeout_s": 10,
-        }
-        values.update(overrides)
-        return make_settings(**values)
-
-    return factory
-
-
-@pytest.fixture
-async def stack(
-    ops_settings: Callable[..., Settings], moodle: MoodleSimulator
-) -> AsyncIterator[DevStack]:
-    """The whole service on loopback."""
-    async with dev_stack(ops_settings(), moodle=moodle) as s:
-        yield s
 
 
 async def cli(stack: DevStack, *args: str) -> Result:
@@ -167,13 +141,13 @@ class TestCancel:
         assert job.uploads == []
 
     async def test_cancel_queued_job(
-        self, ops_settings: Callable[..., Settings], moodle: MoodleSimulator
+        self, stack_settings: Callable[..., Settings], moodle: MoodleSimulator
     ) -> None:
         """A queued job is canceled by the worker that takes it, unrun."""
         job, body = reference_quiz(
             moodle, "archivingmod_quiz", attempt_ids=[24], backups=False
         )
-        async with dev_stack(ops_settings(), moodle=moodle, worker=False) as s:
+        async with dev_stack(stack_settings(), moodle=moodle, worker=False) as s:
             job_id = await s.submit("archivingmod_quiz", body)
             result = await cli_json(s, "cancel", job_id)
             assert result["state"] == "queued"

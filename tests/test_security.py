@@ -27,7 +27,6 @@ from archive_worker import constants as c
 from archive_worker.broker import Broker
 from archive_worker.config import Settings
 from archive_worker.devstack import SubmissionRefused, dev_stack
-from archive_worker.embedded import EmbeddedNats
 from archive_worker.events import StatusEvent
 from archive_worker.jobs import JobStatus
 from archive_worker.moodle_sim import FileFault, MoodleSimulator
@@ -40,25 +39,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 #: A second job's token; this one ends FAILED and becomes a dead letter.
 SECRET_TOKEN_FAILING = "0bad5ecf0e1d2c3b4a5968778695a4b3"
 REPORT_CALL = "quiz_archiver_generate_attempt_report"
-
-
-@pytest.fixture
-def settings_for(
-    nats_server: EmbeddedNats, make_settings: Callable[..., Settings]
-) -> Callable[..., Settings]:
-    """In-process settings on the test's nats-server."""
-
-    def factory(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "nats_url": nats_server.url,
-            "retry_backoff_s": 0.2,
-            "retry_backoff_max_s": 0.5,
-            "ready_signal_timeout_s": 10,
-        }
-        values.update(overrides)
-        return make_settings(**values)
-
-    return factory
 
 
 class ConnectionCounter:
@@ -143,7 +123,7 @@ def telemetry_kit() -> tuple[Any, Callable[[], list[str]]]:
 class TestTokens:
     async def test_token_is_nowhere_but_the_job_message(
         self,
-        settings_for: Callable[..., Settings],
+        stack_settings: Callable[..., Settings],
         moodle: MoodleSimulator,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
@@ -160,7 +140,7 @@ class TestTokens:
         )
         failing.items[24].attachments[0].contenthash = "0" * 40
         events: list[StatusEvent] = []
-        settings = settings_for(log_level="DEBUG", max_deliver=1)
+        settings = stack_settings(log_level="DEBUG", max_deliver=1)
         async with dev_stack(settings, moodle=moodle, telemetry=telemetry) as stack:
             job_id = await stack.submit("quiz_archiver", body)
             failing_id = await stack.submit("archivingmod_quiz", failing_body)
@@ -196,13 +176,13 @@ class TestTokens:
 
 class TestSsrf:
     async def test_allowlist_makes_no_connection_to_another_moodle(
-        self, settings_for: Callable[..., Settings], moodle: MoodleSimulator
+        self, stack_settings: Callable[..., Settings], moodle: MoodleSimulator
     ) -> None:
         """A job naming a site off the allow-list: 403, not even a TCP connect."""
         async with (
             ConnectionCounter() as other,
             dev_stack(
-                settings_for(moodle_allowlist=[moodle.base_url]), moodle=moodle
+                stack_settings(moodle_allowlist=[moodle.base_url]), moodle=moodle
             ) as stack,
         ):
             _, body = reference_quiz(moodle, token="other-site", backups=False)
@@ -219,7 +199,7 @@ class TestSsrf:
     @pytest.mark.parametrize("allowlist", [False, True])
     async def test_backup_url_outside_the_moodle_is_refused(
         self,
-        settings_for: Callable[..., Settings],
+        stack_settings: Callable[..., Settings],
         moodle: MoodleSimulator,
         allowlist: bool,
     ) -> None:
@@ -227,7 +207,7 @@ class TestSsrf:
         async with (
             ConnectionCounter() as other,
             dev_stack(
-                settings_for(moodle_allowlist=[moodle.base_url] if allowlist else []),
+                stack_settings(moodle_allowlist=[moodle.base_url] if allowlist else []),
                 moodle=moodle,
             ) as stack,
         ):
@@ -252,12 +232,12 @@ class TestSsrf:
         assert moodle.calls_to("quiz_archiver_update_job_status") == []
 
     async def test_attachment_url_outside_the_moodle_is_refused(
-        self, settings_for: Callable[..., Settings], moodle: MoodleSimulator
+        self, stack_settings: Callable[..., Settings], moodle: MoodleSimulator
     ) -> None:
         """Attachment URLs elsewhere, or escaping pluginfile.php, fail the job."""
         async with (
             ConnectionCounter() as other,
-            dev_stack(settings_for(), moodle=moodle) as stack,
+            dev_stack(stack_settings(), moodle=moodle) as stack,
         ):
             endings = []
             for n, url in enumerate(
@@ -384,7 +364,7 @@ class TestHostileMoodle:
     )
     async def test_hostile_answer_fails_the_job_cleanly(
         self,
-        settings_for: Callable[..., Settings],
+        stack_settings: Callable[..., Settings],
         moodle: MoodleSimulator,
         tmp_path: Path,
         name: str,
@@ -396,7 +376,7 @@ class TestHostileMoodle:
         """A hostile answer: FAILED with a named cause, no upload, nothing escapes."""
         job, body = many_item_job(moodle, token="hostile", count=1, attachments=True)
         harm(job, moodle)
-        async with dev_stack(settings_for(**overrides), moodle=moodle) as stack:
+        async with dev_stack(stack_settings(**overrides), moodle=moodle) as stack:
             job_id = await stack.submit("quiz_archiver", body)
             end = await stack.wait_for_end(job_id)
             await stack.stop_worker()
