@@ -386,12 +386,15 @@ class _Bridge:
         """Contract 1.7 step 5: answer 429 before probing when the queue is full.
 
         A resubmission of a job still in the queue is let through: JetStream
-        recognises it as a duplicate and it takes no room.
+        recognises it as a duplicate and it takes no room.  Its newest status
+        event tells (one lookup, instead of reading every queued job); should
+        it have left the queue meanwhile, the stream refuses the publish and
+        the answer is 429 all the same.
         """
         if await self.broker.queue_depth() < self.settings.queue_size:
             return
-        state = await self.broker.queue_state()
-        if spec.job_id in state.waiting or spec.job_id in state.processing:
+        event = await self.broker.last_event(spec.job_id)
+        if event is not None and not event.status.is_terminal:
             return
         raise self._queue_full()
 
