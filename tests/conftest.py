@@ -17,10 +17,30 @@ from archive_worker.broker import Broker
 from archive_worker.config import Settings, load_settings
 from archive_worker.devstack import DevStack, dev_stack
 from archive_worker.embedded import EmbeddedNats
+from archive_worker.jobs import Flavour, JobSpec, MoodleEndpoint, job_identity
 from archive_worker.moodle_sim import MoodleSimulator
 
 #: A token that must never show up anywhere but in requests to Moodle.
 SECRET_TOKEN = "5ebe2294ecd0e0f08eab7690d2a6ee69"
+
+
+def make_job_spec(token: str = SECRET_TOKEN) -> JobSpec:
+    """A small quiz_archiver job for http://moodle, identified by ``token``."""
+    job_id, _ = job_identity(Flavour.QUIZ_ARCHIVER, "http://moodle", token)
+    return JobSpec(
+        job_id=job_id,
+        flavour=Flavour.QUIZ_ARCHIVER,
+        moodle=MoodleEndpoint(
+            base_url="http://moodle",
+            ws_url="http://moodle/webservice/rest/server.php",
+            upload_url="http://moodle/webservice/upload.php",
+            token=token,
+        ),
+        archive_filename="archive",
+        courseid=1,
+        cmid=2,
+        quizid=3,
+    )
 
 
 @pytest.fixture(autouse=True)

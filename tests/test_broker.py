@@ -14,34 +14,14 @@ from archive_worker.embedded import EmbeddedNats
 from archive_worker.errors import QueueFull
 from archive_worker.events import StatusEvent
 from archive_worker.jobs import (
-    Flavour,
-    JobSpec,
     JobStatus,
-    MoodleEndpoint,
     job_identity,
 )
-
-
-def _spec(token: str) -> JobSpec:
-    job_id, _ = job_identity(Flavour.QUIZ_ARCHIVER, "http://moodle", token)
-    return JobSpec(
-        job_id=job_id,
-        flavour=Flavour.QUIZ_ARCHIVER,
-        moodle=MoodleEndpoint(
-            base_url="http://moodle",
-            ws_url="http://moodle/webservice/rest/server.php",
-            upload_url="http://moodle/webservice/upload.php",
-            token=token,
-        ),
-        archive_filename="archive",
-        courseid=1,
-        cmid=1,
-        quizid=1,
-    )
+from tests.conftest import make_job_spec
 
 
 async def _publish(broker: Broker, token: str) -> bool:
-    spec = _spec(token)
+    spec = make_job_spec(token)
     _, msg_id = job_identity(spec.flavour, spec.moodle.base_url, token)
     return await broker.publish_job(spec, msg_id=msg_id)
 
@@ -75,7 +55,7 @@ class TestJobs:
         assert await _publish(broker, "tok-a") is True
         assert await _publish(broker, "tok-a") is False
         state = await broker.queue_state()
-        assert state.waiting == [_spec("tok-a").job_id]
+        assert state.waiting == [make_job_spec("tok-a").job_id]
 
     async def test_queue_full_raises(self, broker: Broker) -> None:
         """Past queue_size unfinished jobs the stream refuses new ones."""
@@ -86,7 +66,7 @@ class TestJobs:
 
     async def test_last_event(self, broker: Broker) -> None:
         """The newest event of a job is what last_event returns."""
-        job_id = _spec("t").job_id
+        job_id = make_job_spec("t").job_id
         assert await broker.last_event(job_id) is None
         for status in (JobStatus.AWAITING_PROCESSING, JobStatus.RUNNING):
             await broker.publish_event(
@@ -112,14 +92,14 @@ class TestEmbeddedNats:
                     await _publish(b, "persist")
                 state = await b.queue_state()
                 await b.close()
-            assert state.waiting == [_spec("persist").job_id]
+            assert state.waiting == [make_job_spec("persist").job_id]
         assert server.pid is None
 
 
 class TestFollowEvents:
     async def test_history_then_live(self, broker: Broker) -> None:
         """A follower sees stored events first, then new ones, in order."""
-        job_id = _spec("follow").job_id
+        job_id = make_job_spec("follow").job_id
 
         def event(status: JobStatus) -> StatusEvent:
             return StatusEvent(job_id=job_id, flavour="quiz_archiver", status=status)
@@ -142,7 +122,7 @@ class TestFollowEvents:
 
     async def test_only_if_first(self, broker: Broker) -> None:
         """An event marked only_if_first is dropped once the job has events."""
-        job_id = _spec("first").job_id
+        job_id = make_job_spec("first").job_id
         running = StatusEvent(
             job_id=job_id, flavour="quiz_archiver", status=JobStatus.RUNNING
         )

@@ -35,14 +35,12 @@ from archive_worker.embedded import EmbeddedNats, find_nats_server
 from archive_worker.events import StatusEvent
 from archive_worker.jobqueue import JobQueue, subscribe_cancel
 from archive_worker.jobs import (
-    Flavour,
     JobSpec,
     JobStatus,
-    MoodleEndpoint,
     job_identity,
 )
 
-from .conftest import SECRET_TOKEN
+from .conftest import SECRET_TOKEN, make_job_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -240,26 +238,8 @@ async def role_broker(
         await broker.close()
 
 
-def _spec(token: str = SECRET_TOKEN) -> JobSpec:
-    job_id, _ = job_identity(Flavour.QUIZ_ARCHIVER, "http://moodle", token)
-    return JobSpec(
-        job_id=job_id,
-        flavour=Flavour.QUIZ_ARCHIVER,
-        moodle=MoodleEndpoint(
-            base_url="http://moodle",
-            ws_url="http://moodle/webservice/rest/server.php",
-            upload_url="http://moodle/webservice/upload.php",
-            token=token,
-        ),
-        archive_filename="archive",
-        courseid=1,
-        cmid=2,
-        quizid=3,
-    )
-
-
 async def _queue_job(bridge: Broker, token: str = SECRET_TOKEN) -> JobSpec:
-    spec = _spec(token)
+    spec = make_job_spec(token)
     _, msg_id = job_identity(spec.flavour, spec.moodle.base_url, token)
     assert await bridge.publish_job(spec, msg_id=msg_id)
     return spec
