@@ -161,8 +161,11 @@ class BrowserHost:
                 await self._close_instance(self._current)
                 self._current = None
         if self._playwright is not None:
-            await self._playwright.stop()
-            self._playwright = None
+            playwright, self._playwright = self._playwright, None
+            try:
+                await asyncio.wait_for(playwright.stop(), CLOSE_TIMEOUT_S)
+            except (PlaywrightError, TimeoutError) as exc:
+                log.warning("playwright.stop_failed error=%s", exc)
 
     async def acquire(self) -> BrowserInstance:
         """Take a page slot on a live browser, launching one if needed.

@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: Longest wait of one fetch; also bounds how quickly the loop sees a stop.
 FETCH_WAIT_S = 1.0
+#: How long cancelled jobs get to hand their messages back at shutdown.
+HAND_BACK_TIMEOUT_S = 10.0
 #: Pause after a failed fetch (NATS away) before trying again.
 FETCH_ERROR_PAUSE_S = 1.0
 
@@ -202,7 +204,14 @@ class WorkerService:
             self._handing_back = True
             for t in pending:
                 t.cancel()
-            await asyncio.wait(pending)
+            _, stuck = await asyncio.wait(pending, timeout=HAND_BACK_TIMEOUT_S)
+            if stuck:
+                # Their leases run out and JetStream hands the jobs to
+                # another worker; a stuck task must not keep this one alive.
+                log.error(
+                    "worker.hand_back_stuck jobs=%s",
+                    ",".join(t.get_name() for t in stuck),
+                )
 
     async def _on_cancel(self, job_id: str) -> None:
         running = self._running.get(job_id)

@@ -61,6 +61,8 @@ CRASH_RETRIES = 1
 #: Closing a context of a live browser takes milliseconds; a browser that
 #: does not answer within this time is left to the next restart.
 CONTEXT_CLOSE_TIMEOUT_S = 10.0
+#: How long closing one page may take.
+PAGE_CLOSE_TIMEOUT_S = 5.0
 
 #: Console messages and page errors are cut to this length in DEBUG lines
 #: (a minified script's error can quote kilobytes of code).
@@ -240,8 +242,7 @@ class RenderSession:
                 await self._wait_ready(page, item)
                 pdf = await self._print(page, paper, item)
             finally:
-                with contextlib.suppress(PlaywrightError):
-                    await page.close()
+                await _close_page(page)
         except PlaywrightError as exc:
             reason = _first_line(exc.message)
             if crashed.is_set() or not inst.alive():
@@ -388,3 +389,18 @@ def _first_line(text: str) -> str:
 
 def _item(item: int | None) -> str:
     return "-" if item is None else str(item)
+
+
+async def _close_page(page: Page) -> None:
+    """Close a page without waiting on route handlers still in flight.
+
+    A page closed mid-load (its job cancelled) may have handlers fetching
+    scripts; Playwright's close would wait for them.  Both steps are bounded,
+    so a stuck page cannot hold up the job's end or the worker's shutdown.
+    """
+    with contextlib.suppress(PlaywrightError, TimeoutError):
+        await asyncio.wait_for(
+            page.unroute_all(behavior="ignoreErrors"), PAGE_CLOSE_TIMEOUT_S
+        )
+    with contextlib.suppress(PlaywrightError, TimeoutError):
+        await asyncio.wait_for(page.close(), PAGE_CLOSE_TIMEOUT_S)
